@@ -1,0 +1,108 @@
+"""Cost of recording every cross-attention map, and the store's size on an SD1.5-shaped UNet.
+
+    python -m benchmarks.attention_overhead [--reps 7] [--batch 8]
+
+Time: the embedded model generates the same batch (25 DDIM steps, guidance 5) stock and inside
+`xattn.trace` (all cross-attention layers recorded), interleaved round-robin in one process;
+the ratio of medians (and of minima) is reported. Peak memory: the process's RSS high-water mark
+above its level before each run (kernel counter reset with /proc/self/clear_refs).
+Store size: one UNet step of a narrow UNet with SD1.5's layer layout (4 levels, 2 layers per
+block, 16 cross-attention layers, 8 heads, 77 tokens) at SD1.5's 64x64 latent, per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+import xattn
+from pipelines.loading import load_pipeline
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_mib(fn) -> float:
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def timing(reps: int, batch: int) -> dict:
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle and a blue square", "a green triangle on the left", "a yellow square above a purple circle", "a blue circle"]
+    prompts = (prompts * batch)[:batch]
+
+    def stock():
+        pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np")
+
+    def traced():
+        with xattn.trace(pipe):
+            stock()
+
+    stock()
+    traced()
+    times = {"stock": [], "traced": []}
+    for _ in range(reps):
+        for name, fn in (("stock", stock), ("traced", traced)):
+            began = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - began)
+    peak = {name: _peak_mib(fn) for name, fn in (("stock", stock), ("traced", traced))}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
+    return {
+        "batch": batch, "reps": reps, "median_s": med, "min_s": low,
+        "ratio_median": med["traced"] / med["stock"], "ratio_min": low["traced"] / low["stock"], "peak_rss_mib": peak,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def sd15_store_bytes() -> dict:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_attention_dim=64, attention_head_dim=8,
+        norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    cross = [k for k in unet.attn_processors if "attn2" in k]
+    latents, text = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 64)
+    result = {"cross_attention_layers": len(cross)}
+    for label, options in (("default", {}), ("per_layer", {"per_layer": True}), ("per_layer_and_heads", {"per_layer": True, "heads": True})):
+        store = xattn.AttentionStore(**options)
+        with torch.no_grad(), xattn.attach(unet, store) as state:
+            state.restart(xattn.BatchLayout(("p",), guidance=True))
+            unet(latents, 500, text)
+        result[f"{label}_bytes_per_prompt"] = store.nbytes()
+        result["resolutions"] = sorted({max(k.resolution) for k in store.sums}, reverse=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_overhead.json"))
+    args = parser.parse_args()
+    results = {"store": sd15_store_bytes()}
+    print(json.dumps(results["store"]), flush=True)
+    results["timing"] = timing(args.reps, args.batch)
+    print(json.dumps(results["timing"]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Attention edits (Prompt-to-Prompt and relatives); arrive with their issues."""

@@ -1,0 +1,1 @@
+"""Diffusers pipelines: loading, generation, and (later) editing, inversion, guidance, unlearning."""

@@ -1,0 +1,80 @@
+"""Plain generation with reproducible seeds, saved as PNGs that carry their own settings."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image, PngImagePlugin
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    prompt: str
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 5.0
+    size: int | None = None
+
+
+def image_multiple(pipe: DiffusionPipeline) -> int:
+    """Image sides must be a multiple of this: the VAE's factor times the UNet's down-sampling."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def check_size(pipe: DiffusionPipeline, size: int | None) -> int:
+    """The image side to use (the model's own when None); a wrong size is a ValueError naming the nearest good ones."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if size is None:
+        return native
+    multiple = image_multiple(pipe)
+    if size <= 0 or size % multiple:
+        lower = max(multiple, size // multiple * multiple)
+        raise ValueError(f"--size {size} does not fit this model: use a multiple of {multiple} (e.g. {lower} or {lower + multiple}); its native size is {native}")
+    return size
+
+
+def generate(pipe: DiffusionPipeline, settings: GenerationSettings, num: int = 1) -> list[Image.Image]:
+    """`num` images; image i uses seed `settings.seed + i`, so each is reproducible on its own."""
+    if num < 1:
+        raise ValueError(f"--num must be at least 1, got {num}")
+    size = check_size(pipe, settings.size)
+    generators = [torch.Generator(device="cpu").manual_seed(settings.seed + i) for i in range(num)]
+    return pipe(
+        [settings.prompt] * num,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        height=size,
+        width=size,
+        generator=generators,
+    ).images
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def save_png(image: Image.Image, path: Path, metadata: dict[str, str]) -> Path:
+    """Write atomically (a temporary file renamed into place) with metadata in PNG text chunks."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, str(value))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return path
+
+
+def generate_to_files(pipe: DiffusionPipeline, settings: GenerationSettings, out: Path, model: str, num: int = 1) -> list[Path]:
+    """Generate and save; file names are the prompt's slug and the image's seed."""
+    paths = []
+    for i, image in enumerate(generate(pipe, settings, num)):
+        seed = settings.seed + i
+        meta = {"prompt": settings.prompt, "seed": seed, "steps": settings.steps, "guidance": settings.guidance, "model": model}
+        paths.append(save_png(image, out / f"{slug(settings.prompt)}-seed{seed}.png", meta))
+    return paths

@@ -1,0 +1,55 @@
+"""Load a text-to-image pipeline: the embedded shapes model by default, or any SD 1.x/2.x/XL diffusers model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from shapes import MODEL_PATH
+
+EMBEDDED = "embedded"
+
+
+def resolve_model(model: str | Path | None) -> str:
+    """The folder or hub id to load; None or "embedded" means the shipped shapes model.
+
+    A name that looks like a path (absolute, relative with ./ or ../, or with more than one /)
+    must exist and hold a diffusers pipeline, else a FileNotFoundError says what to pass instead.
+    """
+    if model is None or str(model) == EMBEDDED:
+        return str(MODEL_PATH)
+    text = str(model)
+    path = Path(text).expanduser()
+    looks_like_path = path.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
+    if path.exists():
+        if not (path / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"{text} exists but is not a diffusers pipeline folder (no model_index.json); "
+                "pass the folder that holds model_index.json, or a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5"
+            )
+        return str(path)
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"no model folder at {text}; pass a diffusers pipeline folder, a hub id (owner/name), "
+            "or leave --model out for the embedded shapes model"
+        )
+    return text
+
+
+def load_pipeline(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | None = None) -> DiffusionPipeline:
+    """A ready pipeline with its progress bar on stderr; the right class (SD or SDXL) comes from the folder."""
+    source = resolve_model(model)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
+    except OSError as error:
+        raise OSError(f"could not load model {source!r}: {error}. Without network only local folders load.") from error
+    if device:
+        pipe.to(device)
+    return pipe
+
+
+def model_label(model: str | Path | None) -> str:
+    """How a model is named in file metadata: 'embedded' for the shipped model, else what was given."""
+    return EMBEDDED if model is None or str(model) == EMBEDDED else str(model)

@@ -1,0 +1,25 @@
+"""The embedded shapes world: scenes, captions, a judge that reads images exactly, and the shipped model."""
+
+from pathlib import Path
+
+from shapes.judge import JudgedObject, Verdict, match_caption, read_objects
+from shapes.scenes import BACKGROUND, COLOURS, SHAPES, Layout, Scene, Thing, caption_of, make_scene, parse_caption
+
+MODEL_PATH = Path(__file__).parent / "model"
+
+__all__ = [
+    "BACKGROUND",
+    "COLOURS",
+    "MODEL_PATH",
+    "SHAPES",
+    "JudgedObject",
+    "Layout",
+    "Scene",
+    "Thing",
+    "Verdict",
+    "caption_of",
+    "match_caption",
+    "make_scene",
+    "parse_caption",
+    "read_objects",
+]

@@ -1,0 +1,81 @@
+"""The embedded model's architecture: a Stable-Diffusion-format model small enough to train on 2 CPU cores.
+
+64 px images, a VAE with 4x down-sampling (16x16x4 latents, as SD's 8x at 512 px gives 64x64x4),
+a UNet with cross-attention at 16x16, 8x8 and 4x4, and a CLIP text encoder over CLIP's real
+49,408-token vocabulary. Every part is a stock diffusers/transformers class, so the pipelines and
+attention processors that run it run SD 1.x unchanged.
+"""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+IMAGE_SIZE = 64
+LATENT_SIZE = 16
+TEXT_WIDTH = 64
+
+SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        attention_head_dim=4,
+        cross_attention_dim=TEXT_WIDTH,
+        norm_num_groups=32,
+    )
+
+
+def build_text_encoder() -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=4 * TEXT_WIDTH,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=TEXT_WIDTH,
+        )
+    )
+
+
+def train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ("set_alpha_to_one",)})
+
+
+def sample_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**SCHEDULE)

@@ -1,0 +1,336 @@
+"""Train the embedded shapes model from scratch on CPU and write it as a diffusers folder.
+
+    python -m shapes.train [--out shapes/model] [--work runs/shapes] [--seed 0]
+
+Stages, each checkpointed under --work so a killed run resumes where it stopped:
+1. the VAE (64 px -> 16x16x4 latents), on rendered scenes (mostly 32 px crops);
+2. a fixed data set of scenes, encoded to latents once, with per-object masks and word positions;
+3. the UNet and CLIP text encoder together: the usual noise-prediction loss (min-SNR weighted,
+   captions dropped 10 % of the time for classifier-free guidance) plus a supervision of
+   cross-attention: each object's colour and shape word should put its attention inside that
+   object (loss -log of the share of the word's attention that falls in its mask). Without it
+   every word of a tiny model attends to every object alike, and per-word maps and
+   Prompt-to-Prompt edits mean nothing.
+The exported weights are the UNet's and text encoder's exponential moving averages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import CLIPTokenizer
+
+from shapes import architecture
+from shapes.scenes import BACKGROUND, IMAGE_SIZE, make_scene
+from shapes.tokenizer import build_tokenizer, download_wheel, read_bpe_from_wheel
+
+MAX_OBJECTS = 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int = 0
+    vae_steps: int = 1200
+    vae_full_steps: int = 200
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    scenes: int = 40000
+    steps: int = 5500
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    attention_weight: float = 0.5
+    min_snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(settings: Settings, work: Path) -> torch.nn.Module:
+    """Stage 1: an autoencoder that reconstructs flat shapes with sharp edges.
+
+    Most steps see random 32 px crops (the VAE is convolutional, and a crop costs a quarter of a
+    full image), the last `vae_full_steps` see whole 64 px scenes so the mid-block attention and
+    norms settle at the real size. The L1 loss weighs object pixels 5x, else the background
+    dominates it; the posterior's log-variance starts at -10 so sampling noise does not drown the
+    latents while the encoder is still weak (the KL weight is SD's tiny 1e-6).
+    """
+    vae = architecture.build_vae()
+    final = work / "vae.safetensors"
+    if final.exists():
+        vae.load_state_dict(load_file(str(final)))
+        return vae.eval()
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    background = images_to_tensor(np.asarray(BACKGROUND, np.uint8)[None, None, None])
+    total = settings.vae_steps + settings.vae_full_steps
+    seed_base = 10_000_000
+    for step in tqdm(range(total), desc="vae", mininterval=5):
+        seeds = range(seed_base + step * settings.vae_batch, seed_base + (step + 1) * settings.vae_batch)
+        x = images_to_tensor(np.stack([make_scene(s).image for s in seeds]))
+        if step < settings.vae_steps:
+            top, left = rng.integers(0, IMAGE_SIZE // 2 + 1, 2)
+            x = x[:, :, top : top + IMAGE_SIZE // 2, left : left + IMAGE_SIZE // 2]
+        posterior = vae.encode(x).latent_dist
+        weight = 1 + 4 * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+        loss = ((vae.decode(posterior.sample()).sample - x).abs() * weight).mean() + 1e-6 * posterior.kl().mean()
+        lr = settings.vae_lr * (0.05 + 0.475 * (1 + math.cos(math.pi * step / total)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    save_atomic(vae.state_dict(), final)
+    return vae.eval()
+
+
+def word_positions(tokenizer: CLIPTokenizer, scene) -> list[tuple[int, int]]:
+    """Token index of each object's colour word and shape word in the scene's caption."""
+    ids = tokenizer(scene.caption).input_ids
+    words = [tokenizer.decode([i]).strip() for i in ids]
+    positions, used = [], set()
+    for thing in scene.layout.things:
+        pair = []
+        for word in (thing.colour, thing.shape):
+            index = next(i for i, w in enumerate(words) if w == word and i not in used)
+            used.add(index)
+            pair.append(index)
+        positions.append(tuple(pair))
+    return positions
+
+
+def build_dataset(settings: Settings, work: Path, vae, tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor]:
+    """Stage 2: scenes as latents, token ids, per-object 16x16 masks and word positions (cached)."""
+    path = work / f"data-{settings.scenes}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    n = settings.scenes
+    ids = torch.full((n, tokenizer.model_max_length), tokenizer.pad_token_id, dtype=torch.int32)
+    masks = torch.zeros(n, MAX_OBJECTS, architecture.LATENT_SIZE, architecture.LATENT_SIZE)
+    words = torch.zeros(n, MAX_OBJECTS, 2, dtype=torch.int64)
+    valid = torch.zeros(n, MAX_OBJECTS, dtype=torch.bool)
+    latents = torch.zeros(n, 4, architecture.LATENT_SIZE, architecture.LATENT_SIZE)
+    chunk = 256
+    factor = IMAGE_SIZE // architecture.LATENT_SIZE
+    for start in tqdm(range(0, n, chunk), desc="data", mininterval=5):
+        scenes = [make_scene(s) for s in range(start, min(start + chunk, n))]
+        with torch.no_grad():
+            latents[start : start + len(scenes)] = vae.encode(images_to_tensor(np.stack([s.image for s in scenes]))).latent_dist.mean
+        for offset, scene in enumerate(scenes):
+            i = start + offset
+            tokens = tokenizer(scene.caption, padding="max_length", max_length=tokenizer.model_max_length).input_ids
+            ids[i] = torch.tensor(tokens, dtype=torch.int32)
+            for k, (obj, pair) in enumerate(zip(scene.objects, word_positions(tokenizer, scene))):
+                full = torch.from_numpy(obj.mask.astype(np.float32))[None, None]
+                masks[i, k] = F.max_pool2d(full, factor)[0, 0]
+                words[i, k] = torch.tensor(pair)
+                valid[i, k] = True
+    data = {"latents": latents, "ids": ids, "masks": masks, "words": words, "valid": valid}
+    save_atomic(data, path)
+    return data
+
+
+class SupervisedCrossAttention:
+    """Plain attention that also hands its head-averaged probabilities to the trainer's loss."""
+
+    def __init__(self, sink: list[torch.Tensor]):
+        self.sink = sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch = hidden_states.shape[0]
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)
+        self.sink.append(probs.view(batch, attn.heads, *probs.shape[1:]).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over layers, objects and their two words of -log(share of the word's attention inside its object).
+
+    maps: per layer (B, N, T) probabilities; masks: (B, K, 16, 16); words: (B, K, 2); weight: (B, K).
+    """
+    total = maps[0].new_zeros(())
+    for probs in maps:
+        side = int(math.isqrt(probs.shape[1]))
+        layer_masks = F.adaptive_max_pool2d(masks, side).flatten(2)
+        index = words.flatten(1)[:, None, :].expand(-1, probs.shape[1], -1)
+        word_maps = probs.gather(2, index).transpose(1, 2).reshape(*words.shape, -1)
+        inside = (word_maps * layer_masks[:, :, None, :]).sum(-1)
+        share = inside / word_maps.sum(-1).clamp_min(1e-8)
+        total = total + (-torch.log(share.clamp_min(1e-6)) * weight[..., None]).sum() / (2 * weight.sum()).clamp_min(1)
+    return total / len(maps)
+
+
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            ema[name].mul_(decay).add_(param.float(), alpha=1 - decay)
+
+
+def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor], scaling: float, tokenizer: CLIPTokenizer):
+    """Stage 3: UNet + text encoder with attention supervision; returns the EMA-weighted modules."""
+    torch.manual_seed(settings.seed)
+    unet, text_encoder = architecture.build_unet(), architecture.build_text_encoder()
+    scheduler = architecture.train_scheduler()
+    sink: list[torch.Tensor] = []
+    stock = unet.attn_processors
+    unet.set_attn_processor({name: SupervisedCrossAttention(sink) if "attn2" in name else proc for name, proc in stock.items()})
+    modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    opt = torch.optim.AdamW(modules.parameters(), lr=settings.lr, weight_decay=1e-2)
+    ema = {k: v.detach().clone().float() for k, v in modules.state_dict().items()}
+    ckpt = work / "denoiser.safetensors"
+    start = 0
+    if ckpt.exists():
+        saved = load_file(str(ckpt))
+        modules.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}
+        opt_state = torch.load(work / "optimizer.pt", weights_only=True)
+        opt.load_state_dict(opt_state["optimizer"])
+        torch.set_rng_state(opt_state["rng"])
+        start = int(opt_state["step"])
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    empty = torch.tensor(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids)
+    n = data["latents"].shape[0]
+    log = open(work / "train-log.jsonl", "a")
+    bar = tqdm(range(start, settings.steps), desc="denoiser", initial=start, total=settings.steps, mininterval=5)
+    began = time.time()
+    for step in bar:
+        index = torch.randint(0, n, (settings.batch,))
+        latents = data["latents"][index] * scaling
+        ids = data["ids"][index].long()
+        dropped = torch.rand(settings.batch) < settings.caption_dropout
+        ids[dropped] = empty
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (settings.batch,))
+        noisy = scheduler.add_noise(latents, noise, t)
+        sink.clear()
+        states = text_encoder(ids)[0]
+        pred = unet(noisy, t, states).sample
+        snr_weight = torch.clamp(snr[t], max=settings.min_snr_gamma) / snr[t]
+        denoise = (snr_weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        weight = (data["valid"][index] & ~dropped[:, None]).float()
+        attend = attention_loss(sink, data["masks"][index], data["words"][index], weight)
+        loss = denoise + settings.attention_weight * attend
+        lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / settings.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        _ema_update(ema, modules, 0.0 if step < settings.warmup else settings.ema_decay)
+        if step % 50 == 0:
+            log.write(json.dumps({"step": step, "denoise": denoise.item(), "attention": attend.item(), "lr": lr, "seconds": time.time() - began}) + "\n")
+            log.flush()
+            bar.set_postfix(denoise=f"{denoise.item():.4f}", attention=f"{attend.item():.3f}")
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            state = {f"model.{k}": v for k, v in modules.state_dict().items()} | {f"ema.{k}": v for k, v in ema.items()}
+            torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step + 1}, work / "optimizer.pt.tmp")
+            save_atomic(state, ckpt)
+            os.replace(work / "optimizer.pt.tmp", work / "optimizer.pt")
+    log.close()
+    unet.set_attn_processor(dict(stock))
+    modules.load_state_dict(ema)
+    return unet.eval(), text_encoder.eval()
+
+
+def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling: float) -> StableDiffusionPipeline:
+    """Write the diffusers folder that StableDiffusionPipeline.from_pretrained loads.
+
+    UNet and VAE are stored in fp16 (diffusers loads them as fp32); the text encoder stays fp32
+    because transformers loads weights in their stored dtype and SD pipelines expect fp32 states.
+    """
+    vae.register_to_config(scaling_factor=scaling)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=architecture.sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    unet.half(), vae.half()
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    unet.float(), vae.float()
+    if out.exists():
+        for path in sorted(out.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        out.rmdir()
+    os.replace(tmp, out)
+    return pipe
+
+
+def load_tokenizer(work: Path, wheel: Path | None, built: Path | None) -> CLIPTokenizer:
+    """A tokenizer folder given with --tokenizer, else CLIP's built from the open_clip wheel (cached in work)."""
+    if built is not None:
+        return CLIPTokenizer.from_pretrained(built)
+    folder = work / "tokenizer"
+    if not folder.exists():
+        source = wheel or download_wheel(work)
+        build_tokenizer(read_bpe_from_wheel(source)).save_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "model", help="diffusers folder to write")
+    parser.add_argument("--work", type=Path, default=Path("runs/shapes"), help="checkpoints and caches (resume from here)")
+    parser.add_argument("--wheel", type=Path, help="open_clip_torch wheel for the tokenizer (downloaded when absent)")
+    parser.add_argument("--tokenizer", type=Path, help="an already built CLIP tokenizer folder (e.g. shapes/model/tokenizer)")
+    for name, value in asdict(Settings()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    settings = Settings(**{k: getattr(args, k) for k in asdict(Settings())})
+    work = args.work / settings.digest()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    began = time.time()
+    tokenizer = load_tokenizer(work, args.wheel, args.tokenizer)
+    vae = train_vae(settings, work)
+    data = build_dataset(settings, work, vae, tokenizer)
+    scaling = float(1.0 / data["latents"].std())
+    unet, text_encoder = train_denoiser(settings, work, data, scaling, tokenizer)
+    export(args.out, vae, unet, text_encoder, tokenizer, scaling)
+    minutes = (time.time() - began) / 60
+    (work / "done.json").write_text(json.dumps({"minutes_this_run": minutes, "out": str(args.out)}))
+    print(f"wrote {args.out} ({minutes:.1f} min in this run; checkpoints in {work})")
+
+
+if __name__ == "__main__":
+    main()

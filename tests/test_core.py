@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+
+import xattn
+from tests.architectures import ARCHITECTURES
+from xattn.sites import BatchLayout, layer_of, query_resolution
+
+PROMPTS = ["a red circle and a blue square", "a green triangle"]
+SIZES = {"sd1-64": 128}
+
+
+class EverySite(xattn.Controller):
+    """Forces the explicit path on every layer, self-attention included, and changes nothing."""
+
+    def needs_probs(self, site):
+        return True
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def arch(request):
+    return request.param, ARCHITECTURES[request.param]()
+
+
+def run(pipe, name, steps=2, **kwargs):
+    size = SIZES.get(name, 32)
+    options = dict(num_inference_steps=steps, guidance_scale=5.0, output_type="np", height=size, width=size)
+    return pipe(PROMPTS, generator=torch.Generator().manual_seed(0), **(options | kwargs)).images
+
+
+def test_attached_controllers_leave_images_unchanged(arch):
+    name, pipe = arch
+    stock = run(pipe, name)
+    for controller in (xattn.Controller(), xattn.AttentionStore(), EverySite()):
+        with xattn.attach(pipe, controller):
+            assert np.abs(run(pipe, name) - stock).max() < 1e-5, type(controller).__name__
+
+
+def test_processors_come_back_after_exit_and_after_an_error(arch):
+    _, pipe = arch
+    before = pipe.unet.attn_processors
+    with xattn.trace(pipe):
+        assert all(type(p).__name__ == "XAttnProcessor" for p in pipe.unet.attn_processors.values())
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    with pytest.raises(KeyError):
+        with xattn.trace(pipe):
+            raise KeyError("inside the block")
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    assert "encode_prompt" not in vars(pipe)
+
+
+def test_attaching_twice_is_refused_and_later_allowed(arch):
+    _, pipe = arch
+    with xattn.attach(pipe, xattn.Controller()):
+        with pytest.raises(RuntimeError, match="already attached"):
+            with xattn.attach(pipe.unet, xattn.Controller()):
+                pass
+    with xattn.attach(pipe.unet, xattn.Controller()):
+        pass
+
+
+def test_rows_resolutions_and_steps_follow_the_call(arch):
+    name, pipe = arch
+    with xattn.trace(pipe, per_step=True) as tc:
+        run(pipe, name, steps=3, num_images_per_prompt=2)
+    assert tc.prompts == [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    assert {key.step for key in tc.store.sums} == {0, 1, 2}
+    assert {sums.shape[0] for sums in tc.store.sums.values()} == {4}
+    latent = SIZES.get(name, 32) // pipe.vae_scale_factor
+    assert max(max(key.resolution) for key in tc.store.sums) <= latent
+    with xattn.trace(pipe) as tc:
+        run(pipe, name, guidance_scale=1.0)
+    assert {sums.shape[0] for sums in tc.store.sums.values()} == {2}
+
+
+def test_store_memory_is_flat_in_steps(arch):
+    name, pipe = arch
+    sizes, counts = [], []
+    for steps in (2, 5):
+        with xattn.trace(pipe) as tc:
+            run(pipe, name, steps=steps)
+        sizes.append(tc.store.nbytes())
+        counts.append(tc.store.counts)
+    assert sizes[0] == sizes[1]
+    assert counts[0].keys() == counts[1].keys() and all(counts[1][k] * 2 == counts[0][k] * 5 for k in counts[0])
+
+
+def test_maps_are_probabilities_of_the_conditional_rows(arch):
+    name, pipe = arch
+    with xattn.trace(pipe, heads=True, per_layer=True) as tc:
+        run(pipe, name)
+    maps = tc.token_maps(image=1)
+    assert maps.shape == (77, SIZES.get(name, 32), SIZES.get(name, 32))
+    assert torch.allclose(maps.sum(0), torch.ones(()), atol=1e-4)  # each pixel's attention over tokens sums to 1
+    layer = next(iter(tc.store.layers))
+    one_head = tc.token_maps(image=1, layers=[layer], heads=[0])
+    assert one_head.shape == maps.shape and not torch.allclose(one_head, maps)
+    words = tc.word_maps(image=0)
+    assert list(words) == ["a", "red", "circle", "and", "a#2", "blue", "square"]
+    assert all(m.shape == maps.shape[1:] and m.min() == 0 and m.max() == pytest.approx(1) for m in words.values())
+
+
+def test_selection_errors_say_which_option_to_set():
+    pipe = ARCHITECTURES["sd1"]()
+    with xattn.trace(pipe) as tc:
+        with pytest.raises(ValueError, match="nothing was recorded"):
+            tc.word_maps()
+        run(pipe, "sd1")
+    with pytest.raises(ValueError, match="per_layer=True"):
+        tc.token_maps(layers=["mid_block.attentions.0.transformer_blocks.0.attn2"])
+    with pytest.raises(ValueError, match="per_step=True"):
+        tc.token_maps(steps=(0, 1))
+    with pytest.raises(ValueError, match="heads=True"):
+        tc.token_maps(heads=[0])
+    with pytest.raises(ValueError, match=r"resolutions \[4, 8, 16\]"):
+        tc.token_maps(resolutions=[64])
+    with pytest.raises(ValueError, match="image 5 does not exist"):
+        tc.token_maps(image=5)
+    with pytest.raises(ValueError, match="'hexagon' is not a word of the prompt"):
+        tc.word_maps(["hexagon"])
+
+
+def test_query_resolution_follows_the_unet_levels():
+    assert query_resolution((64, 64), 64 * 64) == (64, 64)
+    assert query_resolution((64, 64), 256) == (16, 16)
+    assert query_resolution((24, 40), 15) == (3, 5)
+    assert query_resolution((25, 25), 13 * 13) == (13, 13)
+    with pytest.raises(ValueError, match="match no level"):
+        query_resolution((64, 64), 1000)
+
+
+def test_layers_and_layouts():
+    assert layer_of("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor") == xattn.Layer(
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2", "cross", "down")
+    assert layer_of("mid_block.attentions.0.transformer_blocks.0.attn1.processor").place == "mid"
+    assert layer_of("up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor").kind == "self"
+    layout = BatchLayout(("p", "q"), images_per_prompt=2, guidance=True)
+    assert layout.cond(8) == slice(4, 8) and layout.cond(4) == slice(0, 4)
+    assert BatchLayout(("p",), guidance=False).cond(1) == slice(0, 1)
+    assert [layout.prompt_of_row(r) for r in range(4)] == ["p", "p", "q", "q"]

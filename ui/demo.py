@@ -1,0 +1,80 @@
+"""`xattn demo`: the main job on the embedded model, written as PNGs and an index page.
+
+Each capability adds a section: plain generation (each image with the judge's reading), then
+per-word attention maps.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.generate import GenerationSettings, generate_to_files
+from pipelines.loading import load_pipeline
+from pipelines.maps import generate_with_maps, write_maps
+from shapes import match_caption
+
+DEMO_PROMPTS = (
+    "a red circle and a blue square",
+    "a green triangle on the left",
+    "a yellow square above a purple circle",
+    "a blue circle, a red triangle and a green square",
+)
+
+
+@dataclass
+class Entry:
+    title: str
+    image: Path
+    note: str
+
+
+def generation_section(pipe, out: Path, seed: int) -> list[Entry]:
+    entries = []
+    for prompt in DEMO_PROMPTS:
+        settings = GenerationSettings(prompt, seed=seed)
+        (path,) = generate_to_files(pipe, settings, out, model="embedded")
+        verdict = match_caption(np.asarray(Image.open(path).convert("RGB")), prompt)
+        found = ", ".join(f"{o.colour} {o.shape or 'blob'}" for o in verdict.found) or "nothing"
+        entries.append(Entry(prompt, path, f"judge: {'match' if verdict.ok else 'no match'} (found {found})"))
+    return entries
+
+
+def maps_section(pipe, out: Path, seed: int) -> list[Entry]:
+    prompt = DEMO_PROMPTS[0]
+    image, maps = generate_with_maps(pipe, GenerationSettings(prompt, seed=seed))
+    paths = write_maps(out, image, maps, {"prompt": prompt, "seed": seed, "model": "embedded"})
+    grid = next(p for p in paths if p.name == "grid.png")
+    return [Entry(prompt, grid, "cross-attention of each word, mean over layers, heads and steps")]
+
+
+def write_index(out: Path, sections: dict[str, list[Entry]]) -> Path:
+    parts = ["<!doctype html><meta charset='utf-8'><title>xattn demo</title>",
+             "<style>body{font-family:sans-serif} figure{display:inline-block;margin:8px} img{height:192px;image-rendering:pixelated}</style>",
+             "<h1>xattn demo on the embedded shapes model</h1>"]
+    for name, entries in sections.items():
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        for e in entries:
+            parts.append(
+                f"<figure><img src='{html.escape(e.image.relative_to(out).as_posix())}' alt='{html.escape(e.title)}'>"
+                f"<figcaption><b>{html.escape(e.title)}</b><br>{html.escape(e.note)}</figcaption></figure>"
+            )
+    index = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, index)
+    return index
+
+
+def run_demo(out: Path, seed: int = 0) -> Path:
+    pipe = load_pipeline()
+    sections = {
+        "Generation": generation_section(pipe, out / "generate", seed),
+        "Attention maps": maps_section(pipe, out / "maps", seed),
+    }
+    return write_index(out, sections)

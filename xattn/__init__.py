@@ -1,0 +1,25 @@
+"""xattn: record, visualise and rewrite cross-attention in diffusers text-to-image models."""
+
+from xattn.attach import CallState, attach
+from xattn.controller import Controller
+from xattn.sites import BatchLayout, Layer, Site
+from xattn.store import AttentionStore
+from xattn.tokens import pipeline_word_tokens, prompt_words, word_tokens
+from xattn.trace import Trace, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionStore",
+    "BatchLayout",
+    "CallState",
+    "Controller",
+    "Layer",
+    "Site",
+    "Trace",
+    "attach",
+    "pipeline_word_tokens",
+    "prompt_words",
+    "trace",
+    "word_tokens",
+]

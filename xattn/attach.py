@@ -1,0 +1,101 @@
+"""Install a controller in every attention layer of a UNet for the length of a `with` block.
+
+    with attach(pipe, controller) as state:
+        pipe(prompt)
+
+On exit, normal or by an exception, the UNet gets back the very processor objects it had, its
+hook is removed, and the pipeline's `encode_prompt` is its own again.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from xattn.controller import Controller
+from xattn.processor import XAttnProcessor
+from xattn.sites import BatchLayout, layer_of
+
+_ATTACHED = "_xattn_attached"
+
+
+class CallState:
+    """What the processors share about the current UNet call: latent size, step, batch layout.
+
+    The step advances when the UNet is called with a new timestep (so several calls at one
+    timestep, as guidance losses make, stay one step) and restarts at 0 when a pipeline encodes
+    its prompt, i.e. at each pipeline call. `set_step` fixes it explicitly for custom loops.
+    """
+
+    def __init__(self) -> None:
+        self.latent: tuple[int, int] = (0, 0)
+        self.step = -1
+        self.layout = BatchLayout(prompts=(), guidance=False)
+        self._timestep: float | None = None
+        self._fixed = False
+
+    def set_step(self, step: int) -> None:
+        self.step, self._fixed = step, True
+
+    def restart(self, layout: BatchLayout | None = None) -> None:
+        self.step, self._timestep, self._fixed = -1, None, False
+        if layout is not None:
+            self.layout = layout
+
+    def before_unet(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.latent = tuple(sample.shape[-2:])
+        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        if not self._fixed and value != self._timestep:
+            self.step += 1
+            self._timestep = value
+
+
+def _layout_from_encode_prompt(signature: inspect.Signature, args, kwargs) -> BatchLayout:
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    prompt = bound.get("prompt")
+    if prompt is None:
+        embeds = bound.get("prompt_embeds")
+        prompts = ("",) * (embeds.shape[0] if embeds is not None else 1)
+    else:
+        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+    return BatchLayout(prompts, int(bound.get("num_images_per_prompt") or 1), bool(bound.get("do_classifier_free_guidance", True)))
+
+
+@contextmanager
+def attach(target, controller: Controller) -> Iterator[CallState]:
+    """Attach `controller` to every attention layer of `target` (a diffusers pipeline or UNet)."""
+    unet = getattr(target, "unet", target)
+    if not hasattr(unet, "attn_processors"):
+        raise TypeError(f"attach needs a diffusers pipeline with a UNet, or a UNet; got {type(target).__name__}")
+    if getattr(unet, _ATTACHED, False):
+        raise RuntimeError("a controller is already attached to this UNet; leave the first `with attach(...)` block before attaching another")
+    original = unet.attn_processors
+    state = CallState()
+    encode = getattr(target, "encode_prompt", None) if target is not unet else None
+    hook = unet.register_forward_pre_hook(state.before_unet, with_kwargs=True)
+    try:
+        unet.set_attn_processor({key: XAttnProcessor(layer_of(key), controller, state) for key in original})
+        setattr(unet, _ATTACHED, True)
+        if encode is not None:
+            signature = inspect.signature(encode)
+
+            @functools.wraps(encode)
+            def encode_prompt(*args, **kwargs):
+                state.restart(_layout_from_encode_prompt(signature, args, kwargs))
+                return encode(*args, **kwargs)
+
+            target.encode_prompt = encode_prompt
+        yield state
+    finally:
+        unet.set_attn_processor(dict(original))
+        hook.remove()
+        if hasattr(unet, _ATTACHED):
+            delattr(unet, _ATTACHED)
+        if "encode_prompt" in vars(target):
+            del target.encode_prompt

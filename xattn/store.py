@@ -1,0 +1,123 @@
+"""The attention store: running sums of attention maps, aggregated as they arrive.
+
+By default it keeps, per (kind, resolution), one float32 sum over steps, layers and heads of the
+conditional rows, shape (rows, queries, keys), and a count of what was added: memory does not
+grow with the number of steps. Keeping steps, layers or heads apart is opt-in, and so is
+recording self-attention (expensive: queries x queries per layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from xattn.controller import Controller
+from xattn.sites import Site
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str
+    resolution: tuple[int, int]
+    step: int | None
+    layer: str | None
+
+
+class AttentionStore(Controller):
+    """Records cross-attention (and optionally self-attention) probabilities of the conditional rows.
+
+    per_step / per_layer / heads keep steps, layers and heads apart so maps can later be selected
+    by them; resolutions limits recording (and so the explicit computation) to some query grids;
+    device holds the sums elsewhere than the model (e.g. "cpu" for a GPU model).
+    """
+
+    def __init__(
+        self,
+        *,
+        self_attention: bool = False,
+        per_step: bool = False,
+        per_layer: bool = False,
+        heads: bool = False,
+        resolutions: Iterable[int] | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.kinds = {"cross", "self"} if self_attention else {"cross"}
+        self.per_step, self.per_layer, self.heads = per_step, per_layer, heads
+        self.resolutions = None if resolutions is None else set(resolutions)
+        self.device = device
+        self.sums: dict[Key, torch.Tensor] = {}
+        self.counts: dict[Key, int] = {}
+        self.layers: dict[str, tuple[int, int]] = {}
+
+    def needs_probs(self, site: Site) -> bool:
+        return site.kind in self.kinds and (self.resolutions is None or max(site.resolution) in self.resolutions)
+
+    def on_probs(self, site: Site, probs: torch.Tensor) -> torch.Tensor:
+        maps = probs[site.cond].detach().float()
+        if not self.heads:
+            maps = maps.mean(1)
+        if self.device is not None:
+            maps = maps.to(self.device)
+        key = Key(site.kind, site.resolution, site.step if self.per_step else None, site.name if self.per_layer else None)
+        if key in self.sums:
+            if self.sums[key].shape != maps.shape:
+                raise ValueError(
+                    f"this store holds maps of {self.sums[key].shape[0]} image(s) but this call has {maps.shape[0]}; "
+                    "trace each differently sized pipeline call in its own block, or clear() the store between them"
+                )
+            self.sums[key].add_(maps)
+            self.counts[key] += 1
+        else:
+            self.sums[key] = maps.clone()
+            self.counts[key] = 1
+        self.layers[site.name] = site.resolution
+        return probs
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
+
+    def select(
+        self,
+        kind: str = "cross",
+        resolutions: Iterable[int] | None = None,
+        layers: Iterable[str] | None = None,
+        steps: tuple[int, int] | None = None,
+        heads: Iterable[int] | None = None,
+    ) -> list[tuple[Key, torch.Tensor, int]]:
+        """The recorded sums that match, as (key, head-averaged sum (rows, queries, keys), count).
+
+        steps is a half-open range [start, stop). Selecting by layer, step or head needs the store
+        to have kept them apart; asking otherwise is a ValueError that says which option to set.
+        """
+        if layers is not None and not self.per_layer:
+            raise ValueError("selecting layers needs the maps kept per layer: record with per_layer=True")
+        if steps is not None and not self.per_step:
+            raise ValueError("selecting a step range needs the maps kept per step: record with per_step=True")
+        if heads is not None and not self.heads:
+            raise ValueError("selecting heads needs the maps kept per head: record with heads=True")
+        wanted_layers = None if layers is None else set(layers)
+        wanted_res = None if resolutions is None else set(resolutions)
+        if wanted_layers is not None and (unknown := wanted_layers - set(self.layers)):
+            raise ValueError(f"no recorded layer named {sorted(unknown)}; recorded layers: {sorted(self.layers)}")
+        chosen = []
+        for key, total in self.sums.items():
+            if key.kind != kind or (wanted_res is not None and max(key.resolution) not in wanted_res):
+                continue
+            if wanted_layers is not None and key.layer not in wanted_layers:
+                continue
+            if steps is not None and not steps[0] <= key.step < steps[1]:
+                continue
+            if self.heads:
+                total = total[:, list(heads)] if heads is not None else total
+                total = total.mean(1)
+            chosen.append((key, total, self.counts[key]))
+        if not chosen:
+            recorded = sorted({max(k.resolution) for k in self.sums if k.kind == kind})
+            raise ValueError(f"nothing recorded matches that selection; {kind}-attention was recorded at resolutions {recorded}")
+        return chosen

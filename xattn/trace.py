@@ -1,0 +1,99 @@
+"""`trace`: per-word attention heat maps around an ordinary pipeline call.
+
+    with xattn.trace(pipe) as tc:
+        image = pipe(["a red circle", "a blue square"]).images
+    maps = tc.word_maps(image=1)             # {"a": array, "blue": array, "square": array}
+    tc.word_maps(["red"], image=0, resolutions=[16], normalise="sum")
+
+Maps exist for every image of the batch (all prompts, all images per prompt), at image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from xattn.attach import CallState, attach
+from xattn import heatmap
+from xattn.store import AttentionStore
+from xattn.tokens import pipeline_word_tokens, prompt_words
+
+
+class Trace:
+    def __init__(self, pipe, store: AttentionStore, state: CallState) -> None:
+        self.pipe, self.store, self.state = pipe, store, state
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt of each image of the traced call, in batch order."""
+        layout = self.state.layout
+        return [layout.prompt_of_row(r) for r in range(layout.conditional_rows)]
+
+    def image_size(self) -> tuple[int, int]:
+        factor = getattr(self.pipe, "vae_scale_factor", 1)
+        return self.state.latent[0] * factor, self.state.latent[1] * factor
+
+    def token_maps(
+        self,
+        image: int = 0,
+        resolutions: Iterable[int] | None = None,
+        layers: Iterable[str] | None = None,
+        steps: tuple[int, int] | None = None,
+        heads: Iterable[int] | None = None,
+        kind: str = "cross",
+    ) -> torch.Tensor:
+        """Mean attention map of every token for one image, (keys, H, W) at image size."""
+        if not self.store.sums:
+            raise ValueError("nothing was recorded: call the pipeline inside the `with xattn.trace(pipe)` block")
+        count = len(self.prompts)
+        if not -count <= image < count:
+            raise ValueError(f"image {image} does not exist; the traced call made {count} image(s)")
+        row = image % count
+        selected = self.store.select(kind, resolutions, layers, steps, heads)
+        return heatmap.aggregate([(key, sums[row : row + 1], n) for key, sums, n in selected], self.image_size())[0]
+
+    def word_maps(
+        self,
+        words: Iterable[str] | None = None,
+        image: int = 0,
+        normalise: str = "minmax",
+        **select,
+    ) -> dict[str, np.ndarray]:
+        """One (H, W) map per word of that image's prompt (all words when none are named).
+
+        A word made of several tokens gets the mean of their maps; with all words, a repeated
+        word appears once per occurrence, the later ones labelled "word#2", "word#3".
+        """
+        maps = self.token_maps(image, **select)
+        prompt = self.prompts[image]
+        spoken = [w for w in prompt_words(self.pipe.tokenizer, prompt) if w.tokens]
+        if words is None:
+            seen: dict[str, int] = {}
+            chosen = []
+            for word in spoken:
+                seen[word.text.lower()] = seen.get(word.text.lower(), 0) + 1
+                label = word.text if seen[word.text.lower()] == 1 else f"{word.text}#{seen[word.text.lower()]}"
+                chosen.append((label, list(word.tokens)))
+        else:
+            chosen = [(w, pipeline_word_tokens(self.pipe, prompt, w)) for w in words]
+        all_tokens = sorted({t for w in spoken for t in w.tokens})
+        result = {}
+        for label, tokens in chosen:
+            if normalise == "tokens":
+                heat = heatmap.normalise(maps, "tokens", all_tokens)[tokens].mean(0)
+            else:
+                heat = heatmap.normalise(maps[tokens].mean(0), normalise)
+            result[label] = heat.numpy()
+        return result
+
+
+
+@contextmanager
+def trace(pipe, **store_options) -> Iterator[Trace]:
+    """Record attention during the pipeline calls inside the block; options go to AttentionStore."""
+    store = AttentionStore(**store_options)
+    with attach(pipe, store) as state:
+        yield Trace(pipe, store, state)
