@@ -4,8 +4,7 @@
 
 Time: the embedded model generates the same batch (25 DDIM steps, guidance 5) stock and inside
 `xattn.trace` (all cross-attention layers recorded), interleaved round-robin in one process;
-the ratio of medians (and of minima) is reported. Peak memory: the process's RSS high-water mark
-above its level before each run (kernel counter reset with /proc/self/clear_refs).
+the ratio of medians (and of minima) is reported.
 Store size: one UNet step of a narrow UNet with SD1.5's layer layout (4 levels, 2 layers per
 block, 16 cross-attention layers, 8 heads, 77 tokens) at SD1.5's 64x64 latent, per prompt.
 """
@@ -23,20 +22,6 @@ from diffusers import UNet2DConditionModel
 
 import xattn
 from pipelines.loading import load_pipeline
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_mib(fn) -> float:
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - before) / 1024
 
 
 def timing(reps: int, batch: int) -> dict:
@@ -60,12 +45,11 @@ def timing(reps: int, batch: int) -> dict:
             began = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - began)
-    peak = {name: _peak_mib(fn) for name, fn in (("stock", stock), ("traced", traced))}
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     return {
         "batch": batch, "reps": reps, "median_s": med, "min_s": low,
-        "ratio_median": med["traced"] / med["stock"], "ratio_min": low["traced"] / low["stock"], "peak_rss_mib": peak,
+        "ratio_median": med["traced"] / med["stock"], "ratio_min": low["traced"] / low["stock"],
         "threads": torch.get_num_threads(),
     }
 

@@ -98,6 +98,8 @@ def test_maps_are_probabilities_of_the_conditional_rows(arch):
     words = tc.word_maps(image=0)
     assert list(words) == ["a", "red", "circle", "and", "a#2", "blue", "square"]
     assert all(m.shape == maps.shape[1:] and m.min() == 0 and m.max() == pytest.approx(1) for m in words.values())
+    shares = tc.word_maps(image=0, normalise="tokens")
+    assert np.allclose(sum(shares.values()), 1.0, atol=1e-4)  # each pixel's attention split among the words
 
 
 def test_selection_errors_say_which_option_to_set():

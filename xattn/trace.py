@@ -79,16 +79,10 @@ class Trace:
                 chosen.append((label, list(word.tokens)))
         else:
             chosen = [(w, pipeline_word_tokens(self.pipe, prompt, w)) for w in words]
-        all_tokens = sorted({t for w in spoken for t in w.tokens})
-        result = {}
-        for label, tokens in chosen:
-            if normalise == "tokens":
-                heat = heatmap.normalise(maps, "tokens", all_tokens)[tokens].mean(0)
-            else:
-                heat = heatmap.normalise(maps[tokens].mean(0), normalise)
-            result[label] = heat.numpy()
-        return result
-
+        if normalise == "tokens":
+            shares = heatmap.normalise(maps, "tokens", sorted({t for w in spoken for t in w.tokens}))
+            return {label: shares[tokens].mean(0).numpy() for label, tokens in chosen}
+        return {label: heatmap.normalise(maps[tokens].mean(0), normalise).numpy() for label, tokens in chosen}
 
 
 @contextmanager
