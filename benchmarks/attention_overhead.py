@@ -4,7 +4,8 @@
 
 Time: the embedded model generates the same batch (25 DDIM steps, guidance 5) stock and inside
 `xattn.trace` (all cross-attention layers recorded), interleaved round-robin in one process;
-the ratio of medians (and of minima) is reported.
+the ratio of medians (and of minima) is reported. Peak memory: the RSS high-water mark above the
+loaded model during one generation, each mode in a fresh process (Linux /proc).
 Store size: one UNet step of a narrow UNet with SD1.5's layer layout (4 levels, 2 layers per
 block, 16 cross-attention layers, 8 heads, 77 tokens) at SD1.5's 64x64 latent, per prompt.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import xattn
 from pipelines.loading import load_pipeline
 
 
-def timing(reps: int, batch: int) -> dict:
+def _runs(batch: int):
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red circle and a blue square", "a green triangle on the left", "a yellow square above a purple circle", "a blue circle"]
@@ -36,6 +39,34 @@ def timing(reps: int, batch: int) -> dict:
     def traced():
         with xattn.trace(pipe):
             stock()
+
+    return stock, traced
+
+
+def _status_kib(field: str) -> int:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+    return int(line.split()[1])
+
+
+def peak_memory(batch: int) -> dict:
+    """Peak RSS above the loaded model of one generation, each mode in a fresh process (Linux)."""
+    result = {}
+    for mode in ("stock", "traced"):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.attention_overhead", "--peak-of", mode, "--batch", str(batch)],
+                             capture_output=True, text=True, check=True)
+        result[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return result
+
+
+def _peak_of(mode: str, batch: int) -> None:
+    stock, traced = _runs(batch)
+    before = _status_kib("VmRSS")
+    (stock if mode == "stock" else traced)()
+    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
+
+
+def timing(reps: int, batch: int) -> dict:
+    stock, traced = _runs(batch)
 
     stock()
     traced()
@@ -79,11 +110,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_overhead.json"))
+    parser.add_argument("--peak-of", choices=["stock", "traced"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_of:
+        _peak_of(args.peak_of, args.batch)
+        return
     results = {"store": sd15_store_bytes()}
     print(json.dumps(results["store"]), flush=True)
     results["timing"] = timing(args.reps, args.batch)
     print(json.dumps(results["timing"]), flush=True)
+    results["peak_mib"] = peak_memory(args.batch)
+    print(json.dumps(results["peak_mib"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 
