@@ -27,7 +27,7 @@ import xattn
 from pipelines.loading import load_pipeline
 
 
-def _runs(batch: int):
+def _stock_and_traced(batch: int):
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red circle and a blue square", "a green triangle on the left", "a yellow square above a purple circle", "a blue circle"]
@@ -59,14 +59,14 @@ def peak_memory(batch: int) -> dict:
 
 
 def _peak_of(mode: str, batch: int) -> None:
-    stock, traced = _runs(batch)
+    stock, traced = _stock_and_traced(batch)
     before = _status_kib("VmRSS")
     (stock if mode == "stock" else traced)()
     print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
 
 
 def timing(reps: int, batch: int) -> dict:
-    stock, traced = _runs(batch)
+    stock, traced = _stock_and_traced(batch)
 
     stock()
     traced()

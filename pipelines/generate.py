@@ -20,6 +20,11 @@ class GenerationSettings:
     guidance: float = 5.0
     size: int | None = None
 
+    def metadata(self, model: str, seed: int | None = None) -> dict[str, str]:
+        """What a saved image records about how it was made (seed: the image's own, if not the first)."""
+        seed = self.seed if seed is None else seed
+        return {"prompt": self.prompt, "seed": seed, "steps": self.steps, "guidance": self.guidance, "model": model}
+
 
 def image_multiple(pipe: DiffusionPipeline) -> int:
     """Image sides must be a multiple of this: the VAE's factor times the UNet's down-sampling."""
@@ -75,6 +80,5 @@ def generate_to_files(pipe: DiffusionPipeline, settings: GenerationSettings, out
     paths = []
     for i, image in enumerate(generate(pipe, settings, num)):
         seed = settings.seed + i
-        meta = {"prompt": settings.prompt, "seed": seed, "steps": settings.steps, "guidance": settings.guidance, "model": model}
-        paths.append(save_png(image, out / f"{slug(settings.prompt)}-seed{seed}.png", meta))
+        paths.append(save_png(image, out / f"{slug(settings.prompt)}-seed{seed}.png", settings.metadata(model, seed)))
     return paths

@@ -267,7 +267,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
     return unet.eval(), text_encoder.eval()
 
 
-def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling: float) -> StableDiffusionPipeline:
+def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling: float) -> None:
     """Write the diffusers folder that StableDiffusionPipeline.from_pretrained loads.
 
     UNet and VAE are stored in fp16 (diffusers loads them as fp32); the text encoder stays fp32
@@ -293,7 +293,6 @@ def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling
             path.unlink() if path.is_file() else path.rmdir()
         out.rmdir()
     os.replace(tmp, out)
-    return pipe
 
 
 def load_tokenizer(work: Path, wheel: Path | None, built: Path | None) -> CLIPTokenizer:

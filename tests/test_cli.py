@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 from PIL import Image
 
 
@@ -38,15 +39,13 @@ def test_demo_writes_images_and_an_index(tmp_path):
 
 
 def test_maps_writes_overlays_grid_and_arrays(tmp_path):
-    import numpy as np
-
     result = xattn("maps", "a red circle and a blue square", "--words", "circle,blue square", "--steps", "3", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["00-circle.png", "01-blue-square.png", "grid.png", "image.png", "maps.npz"]
     maps = np.load(tmp_path / "maps.npz")
     assert sorted(maps.files) == ["blue square", "circle"] and maps["circle"].shape == (64, 64)
-    every = xattn("maps", "a red circle", "--steps", "2", "--out", str(tmp_path / "all"))
+    xattn("maps", "a red circle", "--steps", "2", "--out", str(tmp_path / "all"))
     assert sorted(np.load(tmp_path / "all" / "maps.npz").files) == ["a", "circle", "red"]
     missing = xattn("maps", "a red circle", "--words", "square", "--steps", "2", "--out", str(tmp_path / "bad"))
     assert missing.returncode == 2 and "'square' is not a word of the prompt" in missing.stderr and "its words are: a, red, circle" in missing.stderr

@@ -3,6 +3,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+import xattn
+from benchmarks.shapes_quality import _shape_word_peaks, prompt_sets
 from pipelines.loading import load_pipeline, resolve_model
 from shapes import MODEL_PATH, match_caption
 
@@ -51,9 +53,6 @@ def test_missing_model_paths_are_clear_errors(tmp_path):
 
 
 def test_shape_word_maps_peak_inside_their_objects(pipe):
-    from benchmarks.shapes_quality import prompt_sets, _shape_word_peaks
-    import xattn
-
     prompts = prompt_sets(100)["two objects"]
     peaks = []
     for start in range(0, 100, 50):

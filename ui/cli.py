@@ -35,8 +35,7 @@ def cmd_maps(args: argparse.Namespace) -> None:
     settings = GenerationSettings(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
     image, maps = generate_with_maps(pipe, settings, words)
-    meta = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "model": model_label(args.model)}
-    for path in write_maps(Path(args.out), image, maps, meta):
+    for path in write_maps(Path(args.out), image, maps, settings.metadata(model_label(args.model))):
         print(path)
 
 

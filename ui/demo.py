@@ -46,11 +46,11 @@ def generation_section(pipe, out: Path, seed: int) -> list[Entry]:
 
 
 def maps_section(pipe, out: Path, seed: int) -> list[Entry]:
-    prompt = DEMO_PROMPTS[0]
-    image, maps = generate_with_maps(pipe, GenerationSettings(prompt, seed=seed))
-    paths = write_maps(out, image, maps, {"prompt": prompt, "seed": seed, "model": "embedded"})
+    settings = GenerationSettings(DEMO_PROMPTS[0], seed=seed)
+    image, maps = generate_with_maps(pipe, settings)
+    paths = write_maps(out, image, maps, settings.metadata("embedded"))
     grid = next(p for p in paths if p.name == "grid.png")
-    return [Entry(prompt, grid, "cross-attention of each word, mean over layers, heads and steps")]
+    return [Entry(settings.prompt, grid, "cross-attention of each word, mean over layers, heads and steps")]
 
 
 def write_index(out: Path, sections: dict[str, list[Entry]]) -> Path:

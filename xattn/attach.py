@@ -41,10 +41,9 @@ class CallState:
     def set_step(self, step: int) -> None:
         self.step, self._fixed = step, True
 
-    def restart(self, layout: BatchLayout | None = None) -> None:
+    def restart(self, layout: BatchLayout) -> None:
         self.step, self._timestep, self._fixed = -1, None, False
-        if layout is not None:
-            self.layout = layout
+        self.layout = layout
 
     def before_unet(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
