@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
 import xattn
+from benchmarks.harness import fresh_process_peaks, print_peak, time_interleaved
 from pipelines.loading import load_pipeline
 
 
@@ -43,46 +40,9 @@ def _stock_and_traced(batch: int):
     return stock, traced
 
 
-def _status_kib(field: str) -> int:
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
-    return int(line.split()[1])
-
-
-def peak_memory(batch: int) -> dict:
-    """Peak RSS above the loaded model of one generation, each mode in a fresh process (Linux)."""
-    result = {}
-    for mode in ("stock", "traced"):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.attention_overhead", "--peak-of", mode, "--batch", str(batch)],
-                             capture_output=True, text=True, check=True)
-        result[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-    return result
-
-
-def _peak_of(mode: str, batch: int) -> None:
-    stock, traced = _stock_and_traced(batch)
-    before = _status_kib("VmRSS")
-    (stock if mode == "stock" else traced)()
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
-
-
 def timing(reps: int, batch: int) -> dict:
     stock, traced = _stock_and_traced(batch)
-
-    stock()
-    traced()
-    times = {"stock": [], "traced": []}
-    for _ in range(reps):
-        for name, fn in (("stock", stock), ("traced", traced)):
-            began = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - began)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    low = {k: min(v) for k, v in times.items()}
-    return {
-        "batch": batch, "reps": reps, "median_s": med, "min_s": low,
-        "ratio_median": med["traced"] / med["stock"], "ratio_min": low["traced"] / low["stock"],
-        "threads": torch.get_num_threads(),
-    }
+    return {"batch": batch} | time_interleaved({"stock": stock, "traced": traced}, reps)
 
 
 def sd15_store_bytes() -> dict:
@@ -113,13 +73,14 @@ def main() -> None:
     parser.add_argument("--peak-of", choices=["stock", "traced"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_of:
-        _peak_of(args.peak_of, args.batch)
+        stock, traced = _stock_and_traced(args.batch)
+        print_peak(stock if args.peak_of == "stock" else traced)
         return
     results = {"store": sd15_store_bytes()}
     print(json.dumps(results["store"]), flush=True)
     results["timing"] = timing(args.reps, args.batch)
     print(json.dumps(results["timing"]), flush=True)
-    results["peak_mib"] = peak_memory(args.batch)
+    results["peak_mib"] = fresh_process_peaks("benchmarks.attention_overhead", ["stock", "traced"], ["--batch", str(args.batch)])
     print(json.dumps(results["peak_mib"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -73,9 +73,9 @@ def build_text_encoder() -> CLIPTextModel:
     )
 
 
-def train_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ("set_alpha_to_one",)})
+def train_scheduler(prediction: str = "epsilon") -> DDPMScheduler:
+    return DDPMScheduler(**{k: v for k, v in SCHEDULE.items() if k not in ("set_alpha_to_one",)} | {"prediction_type": prediction})
 
 
-def sample_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**SCHEDULE)
+def sample_scheduler(prediction: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(**SCHEDULE | {"prediction_type": prediction})

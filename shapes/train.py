@@ -48,18 +48,24 @@ class Settings:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     scenes: int = 40000
-    steps: int = 5500
+    steps: int = 5600
     batch: int = 32
-    lr: float = 5e-4
+    lr: float = 8e-4
     warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     attention_weight: float = 0.5
     min_snr_gamma: float = 5.0
+    prediction: str = "epsilon"
     checkpoint_every: int = 250
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+    def digest(self, *fields: str) -> str:
+        """Hash of the named settings (all when none are named): the cache key of a stage."""
+        chosen = {k: v for k, v in asdict(self).items() if not fields or k in fields}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
+
+
+VAE_FIELDS = ("seed", "vae_steps", "vae_full_steps", "vae_batch", "vae_lr")
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -82,7 +88,7 @@ def train_vae(settings: Settings, work: Path) -> torch.nn.Module:
     latents while the encoder is still weak (the KL weight is SD's tiny 1e-6).
     """
     vae = architecture.build_vae()
-    final = work / "vae.safetensors"
+    final = work / f"vae-{settings.digest(*VAE_FIELDS)}.safetensors"
     if final.exists():
         vae.load_state_dict(load_file(str(final)))
         return vae.eval()
@@ -130,7 +136,7 @@ def word_positions(tokenizer: CLIPTokenizer, scene) -> list[tuple[int, int]]:
 
 def build_dataset(settings: Settings, work: Path, vae, tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor]:
     """Stage 2: scenes as latents, token ids, per-object 16x16 masks and word positions (cached)."""
-    path = work / f"data-{settings.scenes}.safetensors"
+    path = work / f"data-{settings.digest(*VAE_FIELDS, 'scenes')}.safetensors"
     if path.exists():
         return load_file(str(path))
     n = settings.scenes
@@ -193,29 +199,28 @@ def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.T
     return total / len(maps)
 
 
-def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for name, param in model.state_dict().items():
-            ema[name].mul_(decay).add_(param.float(), alpha=1 - decay)
-
-
 def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor], scaling: float, tokenizer: CLIPTokenizer):
     """Stage 3: UNet + text encoder with attention supervision; returns the EMA-weighted modules."""
     torch.manual_seed(settings.seed)
     unet, text_encoder = architecture.build_unet(), architecture.build_text_encoder()
-    scheduler = architecture.train_scheduler()
+    scheduler = architecture.train_scheduler(settings.prediction)
     sink: list[torch.Tensor] = []
     stock = unet.attn_processors
     unet.set_attn_processor({name: SupervisedCrossAttention(sink) if "attn2" in name else proc for name, proc in stock.items()})
+    unet.to(memory_format=torch.channels_last)  # about 15 % faster convolutions on CPU
     modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    opt = torch.optim.AdamW(modules.parameters(), lr=settings.lr, weight_decay=1e-2)
-    ema = {k: v.detach().clone().float() for k, v in modules.state_dict().items()}
+    opt = torch.optim.AdamW(modules.parameters(), lr=settings.lr, weight_decay=1e-2, fused=True)
+    params = dict(modules.named_parameters())
+    ema = {k: v.detach().clone() for k, v in params.items()}
+    ema_list, param_list = list(ema.values()), list(params.values())
     ckpt = work / "denoiser.safetensors"
     start = 0
     if ckpt.exists():
         saved = load_file(str(ckpt))
         modules.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
-        ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}
+        for name, value in saved.items():
+            if name.startswith("ema."):
+                ema[name[4:]].copy_(value)
         opt_state = torch.load(work / "optimizer.pt", weights_only=True)
         opt.load_state_dict(opt_state["optimizer"])
         torch.set_rng_state(opt_state["rng"])
@@ -229,7 +234,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
     began = time.time()
     for step in bar:
         index = torch.randint(0, n, (settings.batch,))
-        latents = data["latents"][index] * scaling
+        latents = (data["latents"][index] * scaling).contiguous(memory_format=torch.channels_last)
         ids = data["ids"][index].long()
         dropped = torch.rand(settings.batch) < settings.caption_dropout
         ids[dropped] = empty
@@ -239,8 +244,11 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         sink.clear()
         states = text_encoder(ids)[0]
         pred = unet(noisy, t, states).sample
-        snr_weight = torch.clamp(snr[t], max=settings.min_snr_gamma) / snr[t]
-        denoise = (snr_weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        if settings.prediction == "epsilon":
+            target, weight = noise, torch.clamp(snr[t], max=settings.min_snr_gamma) / snr[t]
+        else:
+            target, weight = scheduler.get_velocity(latents, noise, t), torch.ones_like(snr[t])
+        denoise = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         weight = (data["valid"][index] & ~dropped[:, None]).float()
         attend = attention_loss(sink, data["masks"][index], data["words"][index], weight)
         loss = denoise + settings.attention_weight * attend
@@ -251,7 +259,8 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         opt.step()
-        _ema_update(ema, modules, 0.0 if step < settings.warmup else settings.ema_decay)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_list, param_list, 1.0 if step < settings.warmup else 1 - settings.ema_decay)
         if step % 50 == 0:
             log.write(json.dumps({"step": step, "denoise": denoise.item(), "attention": attend.item(), "lr": lr, "seconds": time.time() - began}) + "\n")
             log.flush()
@@ -263,11 +272,14 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
             os.replace(work / "optimizer.pt.tmp", work / "optimizer.pt")
     log.close()
     unet.set_attn_processor(dict(stock))
-    modules.load_state_dict(ema)
+    with torch.no_grad():
+        for name, value in ema.items():
+            params[name].copy_(value)
+    unet.to(memory_format=torch.contiguous_format)
     return unet.eval(), text_encoder.eval()
 
 
-def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling: float) -> None:
+def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling: float, prediction: str) -> None:
     """Write the diffusers folder that StableDiffusionPipeline.from_pretrained loads.
 
     UNet and VAE are stored in fp16 (diffusers loads them as fp32); the text encoder stays fp32
@@ -279,7 +291,7 @@ def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=architecture.sample_scheduler(),
+        scheduler=architecture.sample_scheduler(prediction),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -321,11 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     (work / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
     began = time.time()
     tokenizer = load_tokenizer(work, args.wheel, args.tokenizer)
-    vae = train_vae(settings, work)
-    data = build_dataset(settings, work, vae, tokenizer)
+    vae = train_vae(settings, args.work)
+    data = build_dataset(settings, args.work, vae, tokenizer)
     scaling = float(1.0 / data["latents"].std())
     unet, text_encoder = train_denoiser(settings, work, data, scaling, tokenizer)
-    export(args.out, vae, unet, text_encoder, tokenizer, scaling)
+    export(args.out, vae, unet, text_encoder, tokenizer, scaling, settings.prediction)
     minutes = (time.time() - began) / 60
     (work / "done.json").write_text(json.dumps({"minutes_this_run": minutes, "out": str(args.out)}))
     print(f"wrote {args.out} ({minutes:.1f} min in this run; checkpoints in {work})")

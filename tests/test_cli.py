@@ -36,6 +36,8 @@ def test_demo_writes_images_and_an_index(tmp_path):
     for png in [*generated, tmp_path / "maps" / "grid.png"]:
         assert png.exists() and png.relative_to(tmp_path).as_posix() in index
     assert index.count("judge:") == 4 and (tmp_path / "maps" / "maps.npz").exists()
+    edits = sorted((tmp_path / "edit").glob("*.png"))
+    assert len(edits) == 3 and index.count("judge on the edit") == 3 and "refine (added words)" in index
 
 
 def test_maps_writes_overlays_grid_and_arrays(tmp_path):
@@ -49,3 +51,23 @@ def test_maps_writes_overlays_grid_and_arrays(tmp_path):
     assert sorted(np.load(tmp_path / "all" / "maps.npz").files) == ["a", "circle", "red"]
     missing = xattn("maps", "a red circle", "--words", "square", "--steps", "2", "--out", str(tmp_path / "bad"))
     assert missing.returncode == 2 and "'square' is not a word of the prompt" in missing.stderr and "its words are: a, red, circle" in missing.stderr
+
+
+def test_edit_writes_source_target_and_side_by_side_and_says_which_edit(tmp_path):
+    result = xattn("edit", "a red circle", "a red square", "--steps", "3", "--blend", "circle", "square", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "edit: replace (word swap)" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["side-by-side.png", "source.png", "target.png"]
+    target = Image.open(tmp_path / "target.png")
+    assert target.size == (64, 64) and target.text["edit"] == "replace (word swap)" and target.text["blend"] == "circle,square"
+    refine = xattn("edit", "a red circle", "a red circle and a blue square", "--steps", "2", "--reweight", "blue=2", "--out", str(tmp_path / "r"))
+    assert refine.returncode == 0 and "edit: reweight (blue=2) on refine (added words)" in refine.stderr
+
+
+def test_edit_explains_bad_input(tmp_path):
+    swap = xattn("edit", "a red circle", "a big red circle", "--mode", "replace", "--out", str(tmp_path))
+    assert swap.returncode == 2 and "same number of words" in swap.stderr and "refine" in swap.stderr and "Traceback" not in swap.stderr
+    blend = xattn("edit", "a red circle", "a red square", "--blend", "triangle", "--out", str(tmp_path))
+    assert blend.returncode == 2 and "blend word 'triangle' is in neither" in blend.stderr
+    steps = xattn("edit", "a red circle", "a red square", "--cross-steps", "0.2,0.9,1", "--out", str(tmp_path))
+    assert steps.returncode == 2 and "is not a schedule" in steps.stderr

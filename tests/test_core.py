@@ -4,6 +4,7 @@ import torch
 
 import xattn
 from tests.architectures import ARCHITECTURES
+from xattn.controller import explicit_probs
 from xattn.sites import BatchLayout, layer_of, query_resolution
 
 PROMPTS = ["a red circle and a blue square", "a green triangle"]
@@ -11,10 +12,13 @@ SIZES = {"sd1-64": 128}
 
 
 class EverySite(xattn.Controller):
-    """Forces the explicit path on every layer, self-attention included, and changes nothing."""
+    """Computes explicit probabilities on every layer, self-attention included, and changes nothing."""
 
-    def needs_probs(self, site):
+    def handles(self, site):
         return True
+
+    def attend(self, site, query, key, value, mask):
+        return explicit_probs(query, key, mask, site.scale) @ value
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))

@@ -39,6 +39,36 @@ def cmd_maps(args: argparse.Namespace) -> None:
         print(path)
 
 
+def cmd_edit(args: argparse.Namespace) -> None:
+    from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
+    from pipelines.generate import save_png
+    from pipelines.loading import load_pipeline, model_label
+    from xattn.heatmap import grid
+
+    weights = {}
+    for item in args.reweight or []:
+        word, _, scale = item.partition("=")
+        try:
+            weights[word.strip()] = float(scale)
+        except ValueError:
+            raise ValueError(f"--reweight {item!r}: write WORD=SCALE, e.g. red=2") from None
+    pipe = load_pipeline(args.model)
+    edit = choose_edit(pipe.tokenizer, args.source, args.target, args.mode, weights)
+    print(f"edit: {describe(edit)}", file=sys.stderr)
+    blend = blend_for(pipe.tokenizer, args.source, args.target, args.blend) if args.blend else None
+    result = prompt_to_prompt(pipe, [args.source, args.target], edit, cross_steps=parse_window(args.cross_steps),
+                              self_steps=parse_window(args.self_steps), blend=blend, steps=args.steps,
+                              guidance=args.guidance, seed=args.seed)
+    meta = {"source": args.source, "target": args.target, "edit": describe(edit), "cross_steps": args.cross_steps,
+            "self_steps": args.self_steps, "blend": ",".join(args.blend or []), "seed": args.seed, "steps": args.steps,
+            "guidance": args.guidance, "model": model_label(args.model)}
+    out = Path(args.out)
+    source, target = result.images
+    sheet = grid([source, target], ["source", "target"], columns=2, scale=max(1, 256 // source.size[0]))
+    for name, image in (("source.png", source), ("target.png", target), ("side-by-side.png", sheet)):
+        print(save_png(image, out / name, meta))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from ui.demo import run_demo
 
@@ -64,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(maps)
     maps.add_argument("--out", default="outputs/maps", help="folder for image.png, the overlays, grid.png and maps.npz")
     maps.set_defaults(run=cmd_maps)
+
+    edit = commands.add_parser("edit", help="Prompt-to-Prompt: generate SOURCE and edit it into TARGET, keeping the picture")
+    edit.add_argument("source")
+    edit.add_argument("target")
+    edit.add_argument("--mode", default="auto", choices=["auto", "replace", "refine", "reweight"],
+                      help="auto: replace when the word counts match, refine when the target adds words")
+    edit.add_argument("--reweight", nargs="+", metavar="WORD=SCALE", help="scale a target word's attention (on top of the mode)")
+    edit.add_argument("--blend", nargs="+", metavar="WORD", help="local blending: change only where these words attend")
+    edit.add_argument("--cross-steps", default="0.8", help="cross-attention injection: fraction, step count, or start,end")
+    edit.add_argument("--self-steps", default="0.4", help="self-attention injection: fraction, step count, or start,end")
+    _add_generation_options(edit)
+    edit.add_argument("--out", default="outputs/edit", help="folder for source.png, target.png and side-by-side.png")
+    edit.set_defaults(run=cmd_edit)
 
     demo = commands.add_parser("demo", help="the main job on the embedded model: PNGs and an index page")
     demo.add_argument("--out", default="outputs/demo")

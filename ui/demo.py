@@ -1,7 +1,7 @@
 """`xattn demo`: the main job on the embedded model, written as PNGs and an index page.
 
-Each capability adds a section: plain generation (each image with the judge's reading), then
-per-word attention maps.
+Each capability adds a section: plain generation (each image with the judge's reading),
+per-word attention maps, Prompt-to-Prompt edits.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.generate import GenerationSettings, generate_to_files
+from editors import auto_edit
+from pipelines.edit import describe, prompt_to_prompt
+from pipelines.generate import GenerationSettings, generate_to_files, save_png, slug
 from pipelines.loading import load_pipeline
 from pipelines.maps import generate_with_maps, write_maps
 from shapes import match_caption
+from xattn.heatmap import grid
 
 DEMO_PROMPTS = (
     "a red circle and a blue square",
@@ -53,6 +56,25 @@ def maps_section(pipe, out: Path, seed: int) -> list[Entry]:
     return [Entry(settings.prompt, grid, "cross-attention of each word, mean over layers, heads and steps")]
 
 
+DEMO_EDITS = (
+    ("a red circle", "a red square"),
+    ("a green triangle", "a blue triangle"),
+    ("a yellow circle", "a yellow circle and a purple square"),
+)
+
+
+def edit_section(pipe, out: Path, seed: int) -> list[Entry]:
+    entries = []
+    for source, target in DEMO_EDITS:
+        edit = auto_edit(pipe.tokenizer, source, target)
+        result = prompt_to_prompt(pipe, [source, target], edit, seed=seed)
+        sheet = grid(result.images, ["source", "target"], columns=2, scale=2)
+        path = save_png(sheet, out / f"{slug(target)}.png", {"source": source, "target": target, "edit": describe(edit), "seed": seed})
+        verdict = match_caption(np.asarray(result.images[1].convert("RGB")), target)
+        entries.append(Entry(f"{source} -> {target}", path, f"{describe(edit)}; judge on the edit: {'match' if verdict.ok else 'no match'}"))
+    return entries
+
+
 def write_index(out: Path, sections: dict[str, list[Entry]]) -> Path:
     parts = ["<!doctype html><meta charset='utf-8'><title>xattn demo</title>",
              "<style>body{font-family:sans-serif} figure{display:inline-block;margin:8px} img{height:192px;image-rendering:pixelated}</style>",
@@ -76,5 +98,6 @@ def run_demo(out: Path, seed: int = 0) -> Path:
     sections = {
         "Generation": generation_section(pipe, out / "generate", seed),
         "Attention maps": maps_section(pipe, out / "maps", seed),
+        "Prompt-to-Prompt": edit_section(pipe, out / "edit", seed),
     }
     return write_index(out, sections)

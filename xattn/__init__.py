@@ -1,7 +1,7 @@
 """xattn: record, visualise and rewrite cross-attention in diffusers text-to-image models."""
 
 from xattn.attach import CallState, attach
-from xattn.controller import Controller
+from xattn.controller import Controller, explicit_probs
 from xattn.sites import BatchLayout, Layer, Site
 from xattn.store import AttentionStore
 from xattn.tokens import pipeline_word_tokens, prompt_words, word_tokens
@@ -18,6 +18,7 @@ __all__ = [
     "Site",
     "Trace",
     "attach",
+    "explicit_probs",
     "pipeline_word_tokens",
     "prompt_words",
     "trace",

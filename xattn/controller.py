@@ -1,24 +1,34 @@
 """The controller protocol: what a processor asks at each attention call.
 
-A processor runs fused SDPA unless its controller says it needs the explicit probabilities of
-that site; then it computes them once, hands them to the controller (which may record or
-rewrite them) and uses what it gets back for the output.
+A processor runs one fused SDPA over the whole batch unless its controller `handles` the site.
+Then the unconditional rows still run fused, and the controller's `attend` computes the output of
+the conditional rows: it may compute explicit probabilities to record them, or rewrite queries,
+keys and values to edit attention in fused form.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from xattn.sites import Site
 
 
 class Controller:
-    """Does nothing: every site runs fused. Subclasses override what they need."""
+    """Does nothing: every layer runs fused SDPA. Subclasses override what they need."""
 
-    def needs_probs(self, site: Site) -> bool:
-        """Whether `on_probs` must see this site's probabilities (else the layer runs fused SDPA)."""
+    def handles(self, site: Site) -> bool:
+        """Whether `attend` computes this site's conditional rows (else the whole layer runs fused)."""
         return False
 
-    def on_probs(self, site: Site, probs: torch.Tensor) -> torch.Tensor:
-        """Read or rewrite probabilities of shape (rows, heads, queries, keys); return what the layer uses."""
-        return probs
+    def attend(self, site: Site, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention output of the conditional rows: (rows, heads, queries, head_dim) from (rows, heads, tokens, head_dim)."""
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+
+def explicit_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(Q K^T * scale + mask) in float32, shape (rows, heads, queries, keys)."""
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    return scores.softmax(-1)

@@ -51,11 +51,9 @@ class XAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        site = Site(self.layer, query_resolution(self.state.latent, query.shape[2]), self.state.step, self.state.layout.cond(batch_size))
-        if self.controller.needs_probs(site):
-            probs = explicit_probs(query, key, attention_mask, attn.scale)
-            probs = self.controller.on_probs(site, probs)
-            hidden_states = probs.to(value.dtype) @ value
+        site = Site(self.layer, query_resolution(self.state.latent, query.shape[2]), self.state.step, attn.scale)
+        if self.controller.handles(site):
+            hidden_states = self._controlled(site, query, key, value, attention_mask)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
@@ -67,10 +65,13 @@ class XAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-
-def explicit_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """softmax(Q K^T * scale + mask) in float32, shape (batch, heads, queries, keys)."""
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores + mask.float()
-    return scores.softmax(-1)
+    def _controlled(self, site: Site, query, key, value, mask) -> torch.Tensor:
+        """The controller computes the conditional rows; the unconditional ones run fused."""
+        cond = self.state.layout.cond(query.shape[0])
+        rows = slice(cond.start, None)
+        out = self.controller.attend(site, query[rows], key[rows], value[rows], None if mask is None else mask[rows])
+        if cond.start == 0:
+            return out
+        uncond = slice(0, cond.start)
+        rest = F.scaled_dot_product_attention(query[uncond], key[uncond], value[uncond], attn_mask=None if mask is None else mask[uncond])
+        return torch.cat([rest, out.to(rest.dtype)])

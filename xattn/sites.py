@@ -1,4 +1,4 @@
-"""Where an attention call happens: the layer, its query resolution, the denoising step, the batch layout.
+"""Where an attention call happens: the layer, its query resolution and the denoising step; and the batch layout.
 
 The step and the latent size come from the UNet call itself (a forward pre-hook sees the latents
 and the timestep), never from counting attention calls, so extra UNet calls (guidance losses,
@@ -72,12 +72,12 @@ class BatchLayout:
 
 @dataclass(frozen=True)
 class Site:
-    """One attention call: the layer, its query grid, the step, and which batch rows are conditional."""
+    """One attention call: the layer, its query grid, the denoising step and the softmax scale."""
 
     layer: Layer
     resolution: tuple[int, int]
     step: int
-    cond: slice
+    scale: float
 
     @property
     def name(self) -> str:

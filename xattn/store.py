@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xattn.controller import Controller
+from xattn.controller import Controller, explicit_probs
 from xattn.sites import Site
 
 
@@ -51,11 +51,17 @@ class AttentionStore(Controller):
         self.counts: dict[Key, int] = {}
         self.layers: dict[str, tuple[int, int]] = {}
 
-    def needs_probs(self, site: Site) -> bool:
+    def handles(self, site: Site) -> bool:
         return site.kind in self.kinds and (self.resolutions is None or max(site.resolution) in self.resolutions)
 
-    def on_probs(self, site: Site, probs: torch.Tensor) -> torch.Tensor:
-        maps = probs[site.cond].detach().float()
+    def attend(self, site: Site, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        probs = explicit_probs(query, key, mask, site.scale)
+        self.record(site, probs)
+        return probs.to(value.dtype) @ value
+
+    def record(self, site: Site, probs: torch.Tensor) -> None:
+        """Add one call's probabilities (conditional rows, heads, queries, keys) to the sums."""
+        maps = probs.detach()
         if not self.heads:
             maps = maps.mean(1)
         if self.device is not None:
@@ -73,7 +79,6 @@ class AttentionStore(Controller):
             self.sums[key] = maps.clone()
             self.counts[key] = 1
         self.layers[site.name] = site.resolution
-        return probs
 
     def clear(self) -> None:
         self.sums.clear()

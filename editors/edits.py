@@ -1,0 +1,73 @@
+"""Prompt-to-Prompt's cross-attention edits as linear maps, computed with fused attention.
+
+Every edit of the paper gives a target's cross-attention map as
+
+    P' = P_src @ A + P_tgt * b          (A: tokens x tokens, b: one weight per token)
+
+- word swap: A = the swap mapper M, b = 0;
+- refinement: A selects each kept token's source column, b = 1 for the tokens the target adds;
+- re-weighting: A and b of the edit it refines (the identity on the source when alone) times
+  the word weights, without renormalising, as in the paper;
+- an injection schedule at a step: tokens outside their window get A = 0 and b = 1.
+
+So the layer output P' V = SDPA(Q_src, K_src, A V) + SDPA(Q_tgt, K_tgt, b V): two fused calls,
+no probabilities in memory. `explicit_output` computes the same thing the slow way, for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class CrossEdit:
+    """P' = P_src @ source + P_tgt * own, for one target prompt."""
+
+    source: torch.Tensor
+    own: torch.Tensor
+
+    def at(self, injected: torch.Tensor) -> CrossEdit:
+        """The edit at one step: tokens with injected == 0 keep the target's own attention."""
+        return CrossEdit(self.source * injected[None, :], self.own * injected + (1 - injected))
+
+
+def swap(mapper: torch.Tensor) -> CrossEdit:
+    return CrossEdit(mapper, torch.zeros(mapper.shape[0]))
+
+
+def refine(index: torch.Tensor, kept: torch.Tensor) -> CrossEdit:
+    """From `xattn.align.refine_mapper`: kept tokens take their source column, new ones their own."""
+    size = index.shape[0]
+    source = torch.zeros(size, size)
+    source[index, torch.arange(size)] = kept
+    return CrossEdit(source, 1 - kept)
+
+
+def reweight(weights: torch.Tensor, base: CrossEdit | None = None) -> CrossEdit:
+    """Scale each token's column by its weight, on top of `base` (the source's own map when None)."""
+    if base is None:
+        base = CrossEdit(torch.eye(weights.shape[0]), torch.zeros(weights.shape[0]))
+    return CrossEdit(base.source * weights[None, :], base.own * weights)
+
+
+def fused_output(edit: CrossEdit, q_src, k_src, q_tgt, k_tgt, v_tgt, mask=None) -> torch.Tensor:
+    """P' V for one target, with (heads, queries|tokens, dim) tensors, in at most two SDPA calls."""
+    out = None
+    if edit.source.any():
+        out = F.scaled_dot_product_attention(q_src, k_src, edit.source.to(v_tgt) @ v_tgt, attn_mask=mask)
+    if edit.own.any():
+        own = F.scaled_dot_product_attention(q_tgt, k_tgt, edit.own.to(v_tgt)[:, None] * v_tgt, attn_mask=mask)
+        out = own if out is None else out + own
+    return out if out is not None else v_tgt.new_zeros(*q_tgt.shape[:-1], v_tgt.shape[-1])
+
+
+def edited_probs(edit: CrossEdit, p_src: torch.Tensor, p_tgt: torch.Tensor) -> torch.Tensor:
+    """P' itself, from explicit (..., queries, tokens) maps: the reference, and what local blending reads."""
+    return p_src @ edit.source.to(p_src) + p_tgt * edit.own.to(p_tgt)
+
+
+def explicit_output(edit: CrossEdit, p_src: torch.Tensor, p_tgt: torch.Tensor, v_tgt: torch.Tensor) -> torch.Tensor:
+    return edited_probs(edit, p_src, p_tgt).to(v_tgt) @ v_tgt

@@ -1,0 +1,123 @@
+"""The Prompt-to-Prompt controller: conditional rows [source, target 1, target 2, ...].
+
+Per the paper and google/prompt-to-prompt: only the conditional rows are edited (the
+unconditional rows keep their own attention), the source row is never changed, cross-attention
+edits act at every resolution, and self-attention injection (the target's self-attention map is
+the source's) acts inside its step window at resolutions up to a limit. Everything runs fused
+(editors.edits); `explicit=True` computes the same with explicit probabilities, as a reference.
+Fixed from the original: the step comes from the pipeline, not from counting calls, and local
+blending reads the maps of the resolution nearest to the one asked for, at any image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from editors.blend import region
+from editors.edits import CrossEdit, edited_probs, explicit_output, fused_output
+from xattn.controller import Controller, explicit_probs
+from xattn.sites import Site
+
+
+@dataclass(frozen=True)
+class BlendTokens:
+    """Token indices local blending reads: the source's words, each target's words and subtracted words."""
+
+    source: tuple[int, ...]
+    targets: tuple[tuple[int, ...], ...]
+    subtract: tuple[tuple[int, ...], ...]
+    side: int
+
+
+class PromptToPrompt(Controller):
+    def __init__(
+        self,
+        edits: Sequence[CrossEdit],
+        schedules: torch.Tensor,
+        self_window: tuple[int, int],
+        self_resolution: int,
+        blend: BlendTokens | None = None,
+        explicit: bool = False,
+    ) -> None:
+        if schedules.shape[0] != len(edits):
+            raise ValueError(f"{len(edits)} edits but {schedules.shape[0]} schedules; give one per target prompt")
+        self.edits = list(edits)
+        self.schedules = schedules
+        self.self_window = self_window
+        self.self_resolution = self_resolution
+        self.blend = blend
+        self.explicit = explicit
+        self.blend_maps: torch.Tensor | None = None
+        self.subtract_maps: torch.Tensor | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.schedules.shape[1]
+
+    def handles(self, site: Site) -> bool:
+        if not 0 <= site.step < self.steps:
+            raise ValueError(f"this edit was scheduled for {self.steps} steps; the pipeline is at step {site.step}")
+        if site.kind == "self":
+            return self.self_window[0] <= site.step < self.self_window[1] and max(site.resolution) <= self.self_resolution
+        return self.explicit or self._records(site) or bool(self.schedules[:, site.step].any())
+
+    def _records(self, site: Site) -> bool:
+        return self.blend is not None and max(site.resolution) == self.blend.side
+
+    def attend(self, site: Site, query, key, value, mask):
+        rows = query.shape[0]
+        if rows != len(self.edits) + 1:
+            raise ValueError(f"the batch has {rows} conditional rows; this edit needs 1 source + {len(self.edits)} target(s), one image each")
+        masks = [None] * rows if mask is None else list(mask)
+        if site.kind == "self":
+            return self._inject_self(query, key, value, masks)
+        probs = explicit_probs(query, key, mask, site.scale) if self.explicit or self._records(site) else None
+        if self.explicit:
+            outputs = [probs[0].to(value) @ value[0]]
+        else:
+            outputs = [F.scaled_dot_product_attention(query[0], key[0], value[0], attn_mask=masks[0])]
+        edited_maps = []
+        for i, edit in enumerate(self.edits, start=1):
+            now = edit.at(self.schedules[i - 1, site.step].to(edit.source))
+            if self.explicit:
+                outputs.append(explicit_output(now, probs[0], probs[i], value[i]))
+            else:
+                outputs.append(fused_output(now, query[0], key[0], query[i], key[i], value[i], masks[0]))
+            if probs is not None and self._records(site):
+                edited_maps.append(edited_probs(now, probs[0], probs[i]))
+        if edited_maps:
+            self._record(site, probs[0], edited_maps)
+        return torch.stack(outputs)
+
+    def _inject_self(self, query, key, value, masks):
+        source = F.scaled_dot_product_attention(query[0], key[0], value[0], attn_mask=masks[0])
+        targets = [F.scaled_dot_product_attention(query[0], key[0], v, attn_mask=masks[0]) for v in value[1:]]
+        return torch.stack([source, *targets])
+
+    def _record(self, site: Site, source_probs: torch.Tensor, target_probs: list[torch.Tensor]) -> None:
+        """Add this layer's blend-word maps (summed over the words' tokens, mean over heads) to the running sums."""
+        h, w = site.resolution
+        blend = self.blend
+
+        def word_map(probs: torch.Tensor, tokens: tuple[int, ...]) -> torch.Tensor:
+            return probs[..., list(tokens)].sum(-1).mean(0).reshape(h, w).detach().float()
+
+        maps = torch.stack([word_map(source_probs, blend.source)] + [word_map(p, t) for p, t in zip(target_probs, blend.targets)])
+        self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
+        if any(blend.subtract):
+            sub = torch.stack([word_map(p, t) if t else torch.zeros(h, w) for p, t in zip(target_probs, blend.subtract)])
+            self.subtract_maps = sub if self.subtract_maps is None else self.subtract_maps + sub
+
+    def blend_region(self, latent: tuple[int, int], threshold: float, subtract_threshold: float) -> torch.Tensor:
+        """(targets, H, W) region the targets may change: union of source and target word regions, minus subtracted words."""
+        if self.blend_maps is None:
+            raise RuntimeError("no blend maps were recorded yet: local blending reads them from the first step on")
+        words = region(self.blend_maps, latent, threshold, pool=True)
+        inside = words[:1] | words[1:]
+        if self.subtract_maps is not None:
+            inside = inside & ~region(self.subtract_maps, latent, subtract_threshold, pool=False)
+        return inside

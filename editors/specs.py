@@ -1,0 +1,64 @@
+"""What a user asks for: edits described by words, resolved against the prompts and tokenizer at run time."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from editors.edits import CrossEdit, refine, reweight, swap
+from xattn.align import refine_mapper, segments, swap_mapper
+from xattn.tokens import word_tokens
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Word swap: the prompts have the same words but for the swapped ones."""
+
+    def build(self, tokenizer, source: str, target: str) -> CrossEdit:
+        return swap(swap_mapper(tokenizer, source, target))
+
+
+@dataclass(frozen=True)
+class Refine:
+    """Refinement: the target adds words; the tokens it shares with the source take the source's attention."""
+
+    def build(self, tokenizer, source: str, target: str) -> CrossEdit:
+        return refine(*refine_mapper(tokenizer, source, target))
+
+
+@dataclass(frozen=True)
+class Reweight:
+    """Scale the attention of words of the target prompt, each by its own factor, on top of `base`.
+
+    Factors are not renormalised (as in the paper): above 1 strengthens a word, below 1 weakens
+    it, negative values push away from it.
+    """
+
+    weights: Mapping[str, float]
+    base: Swap | Refine | None = field(default=None)
+
+    def build(self, tokenizer, source: str, target: str) -> CrossEdit:
+        scale = torch.ones(tokenizer.model_max_length)
+        for word, factor in self.weights.items():
+            scale[word_tokens(tokenizer, target, word)] = float(factor)
+        return reweight(scale, None if self.base is None else self.base.build(tokenizer, source, target))
+
+
+def auto_edit(tokenizer, source: str, target: str) -> Swap | Refine:
+    """Swap when the prompts have as many words, refinement when the target only adds words."""
+    src, tgt = segments(tokenizer, source).words, segments(tokenizer, target).words
+    if len(src) == len(tgt):
+        return Swap()
+    if _is_subsequence([w.casefold() for w in src], [w.casefold() for w in tgt]):
+        return Refine()
+    raise ValueError(
+        f"cannot choose an edit for {source!r} -> {target!r}: a swap needs as many words in both prompts and a "
+        "refinement needs the target to keep every source word in order and add words; choose a mode explicitly"
+    )
+
+
+def _is_subsequence(short: list[str], long: list[str]) -> bool:
+    remaining = iter(long)
+    return all(word in remaining for word in short)

@@ -1,0 +1,195 @@
+"""Prompt-to-Prompt on any diffusers SD 1.x/2.x/XL pipeline: one shared starting latent, edits as objects.
+
+    result = prompt_to_prompt(pipe, ["a red circle", "a red square"], seed=0)
+    result.images[1]                     # the circle made a square, in the same place
+
+Every input is checked before the first step: edits against the prompts, schedule words and
+windows, blend words. The source image equals plain generation of the source prompt with the
+same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+from editors.blend import LocalBlend, blend_latents, user_region
+from editors.p2p import BlendTokens, PromptToPrompt
+from editors.schedules import Window, token_schedule, window, word_windows
+from editors.specs import Refine, Reweight, Swap, auto_edit
+from pipelines.generate import check_size
+from xattn.attach import attach
+from xattn.tokens import pipeline_word_tokens
+
+Edit = Swap | Refine | Reweight
+
+
+@dataclass
+class EditResult:
+    images: list
+    prompts: list[str]
+    edits: list[Edit]
+
+
+def cross_resolutions(unet, latent: tuple[int, int]) -> list[int]:
+    """Sides of the query grids of the UNet's cross-attention layers at this latent size."""
+    sides, side = set(), max(latent)
+    for i, block in enumerate(unet.config.down_block_types):
+        if "CrossAttn" in block:
+            sides.add(side)
+        if i < len(unet.config.down_block_types) - 1:
+            side = (side + 1) // 2
+    if "CrossAttn" in (unet.config.mid_block_type or ""):
+        sides.add(side)
+    return sorted(sides)
+
+
+def _blend_tokens(pipe, prompts: list[str], spec: LocalBlend, latent: tuple[int, int]) -> BlendTokens:
+    def tokens(prompt: str, words: Sequence[str]) -> tuple[int, ...]:
+        return tuple(sorted({t for w in words for t in pipeline_word_tokens(pipe, prompt, w)}))
+
+    side = min(cross_resolutions(pipe.unet, latent), key=lambda s: (abs(s - spec.resolution), -s))
+    return BlendTokens(
+        tokens(prompts[0], spec.source_words),
+        tuple(tokens(p, spec.target_words) for p in prompts[1:]),
+        tuple(tokens(p, spec.subtract) for p in prompts[1:]),
+        side,
+    )
+
+
+def prompt_to_prompt(
+    pipe: DiffusionPipeline,
+    prompts: Sequence[str],
+    edit: Edit | Sequence[Edit] | None = None,
+    *,
+    cross_steps: Window | Mapping[str, Window] = 0.8,
+    self_steps: Window = 0.4,
+    self_resolution: int | None = None,
+    blend: LocalBlend | None = None,
+    steps: int = 25,
+    guidance: float = 5.0,
+    seed: int = 0,
+    size: int | None = None,
+    output_type: str = "pil",
+    explicit: bool = False,
+) -> EditResult:
+    """Generate prompts[0] (the source) and edit it into prompts[1:] (the targets).
+
+    edit: one edit for all targets or one per target; None picks per target (swap when the word
+    counts match, refinement when the target adds words). cross_steps: the window of steps (or
+    {word: window, "default": window}) in which targets take the source's cross-attention.
+    self_steps: the window in which they take its self-attention, at query grids up to
+    self_resolution (default: a quarter of the latent side, the paper's 16 at 512 px).
+    """
+    prompts = list(prompts)
+    if len(prompts) < 2:
+        raise ValueError("Prompt-to-Prompt needs a source prompt and at least one target prompt")
+    side = check_size(pipe, size)
+    latent = (side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
+    tokenizer = pipe.tokenizer
+    targets = prompts[1:]
+    if edit is None:
+        edits = [auto_edit(tokenizer, prompts[0], t) for t in targets]
+    elif isinstance(edit, (Swap, Refine, Reweight)):
+        edits = [edit] * len(targets)
+    else:
+        edits = list(edit)
+        if len(edits) != len(targets):
+            raise ValueError(f"{len(edits)} edits for {len(targets)} target prompts; give one edit, or one per target")
+    cross = [e.build(tokenizer, prompts[0], t) for e, t in zip(edits, targets)]
+    default, words = word_windows(cross_steps, steps)
+    schedules = torch.stack(
+        [
+            token_schedule(default, {tuple(pipeline_word_tokens(pipe, t, w)): span for w, span in words.items()}, steps, tokenizer.model_max_length)
+            for t in targets
+        ]
+    )
+    self_window = window(self_steps, steps, "self-attention schedule")
+    tokens = _blend_tokens(pipe, prompts, blend, latent) if blend is not None and blend.mask is None else None
+    blend_start = window(blend.start, steps, "blend start")[1] if blend is not None else steps
+    controller = PromptToPrompt(cross, schedules, self_window, self_resolution or max(1, max(latent) // 4), tokens, explicit)
+
+    def keep_source_outside(pipeline, step: int, timestep, kwargs):
+        if step < blend_start:
+            return kwargs
+        if blend.mask is not None:
+            region = user_region(blend.mask, latent).to(kwargs["latents"].device)
+        else:
+            region = controller.blend_region(latent, blend.threshold, blend.subtract_threshold).to(kwargs["latents"].device)
+        return {"latents": blend_latents(kwargs["latents"], region)}
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start = randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=generator, dtype=pipe.unet.dtype)
+    with attach(pipe, controller):
+        images = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=side,
+            width=side,
+            latents=start.expand(len(prompts), -1, -1, -1).clone(),
+            output_type=output_type,
+            callback_on_step_end=keep_source_outside if blend is not None else None,
+            callback_on_step_end_tensor_inputs=["latents"],
+        ).images
+    return EditResult(list(images), prompts, edits)
+
+
+def parse_window(text: str) -> Window:
+    """A window from the command line: "0.8" (fraction), "10" (steps), "0.2,0.8" or "5,20" (start, end)."""
+
+    def bound(part: str) -> int | float:
+        part = part.strip()
+        try:
+            return int(part)
+        except ValueError:
+            try:
+                return float(part)
+            except ValueError:
+                raise ValueError(f"{text!r} is not a schedule: give a fraction (0.8), a step count (10) or start,end (0.2,0.8)") from None
+
+    parts = text.split(",")
+    if len(parts) > 2:
+        raise ValueError(f"{text!r} is not a schedule: give a fraction (0.8), a step count (10) or start,end (0.2,0.8)")
+    return (bound(parts[0]), bound(parts[1])) if len(parts) == 2 else bound(parts[0])
+
+
+def choose_edit(tokenizer, source: str, target: str, mode: str, weights: Mapping[str, float]) -> Edit:
+    """The edit a mode names: auto/replace/refine, each with re-weighting on top when weights are given; reweight alone."""
+    if mode == "reweight":
+        if not weights:
+            raise ValueError("mode 'reweight' needs at least one --reweight WORD=SCALE")
+        return Reweight(dict(weights))
+    modes = {"auto": lambda: auto_edit(tokenizer, source, target), "replace": Swap, "refine": Refine}
+    if mode not in modes:
+        raise ValueError(f"unknown mode {mode!r}; choose auto, replace, refine or reweight")
+    base = modes[mode]()
+    return Reweight(dict(weights), base=base) if weights else base
+
+
+def blend_for(tokenizer, source: str, target: str, words: Sequence[str]) -> LocalBlend:
+    """Blend words from the command line: each is used in the prompt(s) that contain it."""
+    from xattn.tokens import word_tokens
+
+    def has(prompt: str, word: str) -> bool:
+        try:
+            word_tokens(tokenizer, prompt, word)
+        except ValueError:
+            return False
+        return True
+
+    for word in words:
+        if not has(source, word) and not has(target, word):
+            raise ValueError(f"blend word {word!r} is in neither {source!r} nor {target!r}")
+    return LocalBlend([w for w in words if has(source, w)], [w for w in words if has(target, w)])
+
+
+def describe(edit: Edit) -> str:
+    if isinstance(edit, Reweight):
+        weights = ", ".join(f"{w}={s:g}" for w, s in edit.weights.items())
+        return f"reweight ({weights})" + (f" on {describe(edit.base)}" if edit.base is not None else "")
+    return {Swap: "replace (word swap)", Refine: "refine (added words)"}[type(edit)]

@@ -1,0 +1,113 @@
+"""Prompt-to-Prompt through real pipelines: fused edits equal the explicit reference on every architecture,
+the source is plain generation, no injection is plain generation of the target, and bad input fails early."""
+
+import numpy as np
+import pytest
+import torch
+
+import xattn
+from editors import LocalBlend, PromptToPrompt, Refine, Reweight, Swap
+from editors.blend import blend_latents, region, user_region
+from editors.edits import swap
+from pipelines.edit import cross_resolutions, prompt_to_prompt
+from pipelines.loading import load_pipeline
+from tests.architectures import ARCHITECTURES
+
+SWAP = ["a red circle and a blue square", "a red circle and a green square"]
+CASES = {
+    "swap+blend": dict(prompts=SWAP, edit=Swap(), blend=LocalBlend(["blue"], ["green"], start=1)),
+    "refine": dict(prompts=["a circle", "a red circle"], edit=Refine(), cross_steps={"default": 1.0, "red": 0.5}),
+    "reweight on swap": dict(prompts=SWAP, edit=Reweight({"green": 2.0, "circle": 0.5}, base=Swap()), self_steps=(1, 3)),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def arch(request):
+    return ARCHITECTURES[request.param]()
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    pipe = load_pipeline(None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_edits_equal_the_explicit_reference(arch, case):
+    options = dict(CASES[case], steps=3, output_type="np", self_resolution=64)
+    fused = prompt_to_prompt(arch, **options).images
+    explicit = prompt_to_prompt(arch, **options, explicit=True).images
+    assert np.abs(np.stack(fused) - np.stack(explicit)).max() < 1e-5
+
+
+def test_fused_equals_explicit_without_guidance(arch):
+    options = dict(prompts=SWAP, steps=2, guidance=1.0, output_type="np")
+    assert np.abs(np.stack(prompt_to_prompt(arch, **options).images) - np.stack(prompt_to_prompt(arch, **options, explicit=True).images)).max() < 1e-5
+
+
+def test_source_is_plain_generation_and_no_injection_is_plain_generation_of_the_target(shapes_pipe):
+    prompts = ["a red circle", "a red square"]
+    common = dict(num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    plain = [shapes_pipe(p, generator=torch.Generator().manual_seed(7), **common).images[0] for p in prompts]
+    free = prompt_to_prompt(shapes_pipe, prompts, cross_steps=0, self_steps=0, seed=7, steps=5, output_type="np").images
+    assert np.abs(free[0] - plain[0]).max() < 1e-5 and np.abs(free[1] - plain[1]).max() < 1e-5
+    injected = prompt_to_prompt(shapes_pipe, prompts, seed=7, steps=5, output_type="np").images
+    assert np.abs(injected[0] - plain[0]).max() < 1e-5
+    assert np.abs(injected[1] - plain[0]).mean() < 0.5 * np.abs(plain[1] - plain[0]).mean()  # it took the source's layout
+
+
+def test_local_blend_keeps_the_source_latent_outside_the_mask(shapes_pipe):
+    mask = np.zeros((64, 64))
+    mask[16:48, 16:48] = 1  # latent cells 4..11
+    latents = prompt_to_prompt(shapes_pipe, ["a red circle", "a blue circle"], seed=1, steps=5, output_type="latent",
+                               blend=LocalBlend(mask=mask, start=0)).images
+    changed = (latents[0] - latents[1]).abs().amax(0) > 0
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[4:12, 4:12] = True
+    assert not changed[~inside].any() and changed[inside].float().mean() > 0.5
+
+
+def test_blend_algebra_by_hand():
+    maps = torch.tensor([[[0.0, 1.0], [0.2, 0.1]]])
+    assert region(maps, (2, 2), 0.3, pool=False).tolist() == [[[False, True], [False, False]]]
+    assert region(maps, (4, 4), 0.3, pool=True).all()  # 3x3 max-pool spreads the peak over a 2x2 map
+    latents = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
+    out = blend_latents(latents, torch.tensor([[[True, False], [False, False]]]))
+    assert out[1, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]] and out[0].eq(0).all()
+    assert user_region(np.eye(4), (2, 2)).tolist() == [[True, False], [False, True]]
+
+
+def test_cross_resolutions_follow_the_latent(shapes_pipe):
+    assert cross_resolutions(shapes_pipe.unet, (16, 16)) == [4, 8, 16]
+    assert cross_resolutions(shapes_pipe.unet, (32, 32)) == [8, 16, 32]
+    assert cross_resolutions(ARCHITECTURES["sd1-64"]().unet, (64, 64)) == [8, 16, 32, 64]
+
+
+def test_bad_input_fails_before_any_step(shapes_pipe):
+    calls = []
+    hook = shapes_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="same number of words.*refine"):
+            prompt_to_prompt(shapes_pipe, ["a red circle", "a big red circle"], Swap())
+        with pytest.raises(ValueError, match="'green' is not a word of the prompt 'a red circle'; its words are: a, red, circle"):
+            prompt_to_prompt(shapes_pipe, ["a blue circle", "a red circle"], blend=LocalBlend(["blue"], ["green"]))
+        with pytest.raises(ValueError, match="'blue' is not a word"):
+            prompt_to_prompt(shapes_pipe, ["a red circle", "a red square"], Reweight({"blue": 2.0}))
+        with pytest.raises(ValueError, match="outside 0..25"):
+            prompt_to_prompt(shapes_pipe, ["a red circle", "a red square"], cross_steps=30)
+        with pytest.raises(ValueError, match="outside"):
+            prompt_to_prompt(shapes_pipe, ["a red circle", "a red square"], self_steps=(0.5, 1.5))
+        with pytest.raises(ValueError, match="cannot choose an edit"):
+            prompt_to_prompt(shapes_pipe, ["a red circle", "a square"])
+        with pytest.raises(ValueError, match="source prompt and at least one target"):
+            prompt_to_prompt(shapes_pipe, ["a red circle"])
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_several_images_per_prompt_are_refused_clearly(shapes_pipe):
+    controller = PromptToPrompt([swap(torch.eye(77))], torch.ones(1, 2, 77), (0, 0), 16)
+    with xattn.attach(shapes_pipe, controller), pytest.raises(ValueError, match="one image each"):
+        shapes_pipe(["a red circle", "a red circle"], num_images_per_prompt=2, num_inference_steps=2)
