@@ -23,7 +23,7 @@ from editors.schedules import Window, token_schedule, window, word_windows
 from editors.specs import Refine, Reweight, Swap, auto_edit
 from pipelines.generate import check_size
 from xattn.attach import attach
-from xattn.tokens import pipeline_word_tokens
+from xattn.tokens import pipeline_word_tokens, word_tokens
 
 Edit = Swap | Refine | Reweight
 
@@ -173,7 +173,6 @@ def choose_edit(tokenizer, source: str, target: str, mode: str, weights: Mapping
 
 def blend_for(tokenizer, source: str, target: str, words: Sequence[str]) -> LocalBlend:
     """Blend words from the command line: each is used in the prompt(s) that contain it."""
-    from xattn.tokens import word_tokens
 
     def has(prompt: str, word: str) -> bool:
         try:
