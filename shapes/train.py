@@ -245,12 +245,12 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         states = text_encoder(ids)[0]
         pred = unet(noisy, t, states).sample
         if settings.prediction == "epsilon":
-            target, weight = noise, torch.clamp(snr[t], max=settings.min_snr_gamma) / snr[t]
+            target, step_weight = noise, torch.clamp(snr[t], max=settings.min_snr_gamma) / snr[t]
         else:
-            target, weight = scheduler.get_velocity(latents, noise, t), torch.ones_like(snr[t])
-        denoise = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
-        weight = (data["valid"][index] & ~dropped[:, None]).float()
-        attend = attention_loss(sink, data["masks"][index], data["words"][index], weight)
+            target, step_weight = scheduler.get_velocity(latents, noise, t), torch.ones_like(snr[t])
+        denoise = (step_weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        objects = (data["valid"][index] & ~dropped[:, None]).float()
+        attend = attention_loss(sink, data["masks"][index], data["words"][index], objects)
         loss = denoise + settings.attention_weight * attend
         lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / settings.steps))
         for group in opt.param_groups:

@@ -68,8 +68,7 @@ class XAttnProcessor:
     def _controlled(self, site: Site, query, key, value, mask) -> torch.Tensor:
         """The controller computes the conditional rows; the unconditional ones run fused."""
         cond = self.state.layout.cond(query.shape[0])
-        rows = slice(cond.start, None)
-        out = self.controller.attend(site, query[rows], key[rows], value[rows], None if mask is None else mask[rows])
+        out = self.controller.attend(site, query[cond], key[cond], value[cond], None if mask is None else mask[cond])
         if cond.start == 0:
             return out
         uncond = slice(0, cond.start)
