@@ -10,12 +10,13 @@ Every edit of the paper gives a target's cross-attention map as
   the word weights, without renormalising, as in the paper;
 - an injection schedule at a step: tokens outside their window get A = 0 and b = 1.
 
-So the layer output P' V = SDPA(Q_src, K_src, A V) + SDPA(Q_tgt, K_tgt, b V): two fused calls,
-no probabilities in memory. `explicit_output` computes the same thing the slow way, for tests.
+So the layer output P' V = SDPA(Q_src, K_src, A V) + SDPA(Q_tgt, K_tgt, b V): fused calls, no
+probabilities in memory. `explicit_output` computes the same thing the slow way, for tests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,15 +54,24 @@ def reweight(weights: torch.Tensor, base: CrossEdit | None = None) -> CrossEdit:
     return CrossEdit(base.source * weights[None, :], base.own * weights)
 
 
-def fused_output(edit: CrossEdit, q_src, k_src, q_tgt, k_tgt, v_tgt, mask=None) -> torch.Tensor:
-    """P' V for one target, with (heads, queries|tokens, dim) tensors, in at most two SDPA calls."""
-    out = None
-    if edit.source.any():
-        out = F.scaled_dot_product_attention(q_src, k_src, edit.source.to(v_tgt) @ v_tgt, attn_mask=mask)
-    if edit.own.any():
-        own = F.scaled_dot_product_attention(q_tgt, k_tgt, edit.own.to(v_tgt)[:, None] * v_tgt, attn_mask=mask)
-        out = own if out is None else out + own
-    return out if out is not None else v_tgt.new_zeros(*q_tgt.shape[:-1], v_tgt.shape[-1])
+def fused_outputs(edits: Sequence[CrossEdit], query, key, value, mask=None) -> torch.Tensor:
+    """The source row's output and P' V for each target, from (rows, heads, queries|tokens, dim) tensors.
+
+    Row 0 is the source, row i the target of edits[i - 1]. Every term that reads the source's map
+    shares one SDPA call, the values side by side: softmax(Q_src K_src^T) [V_src, A_1 V_1, ...].
+    The targets that keep some of their own attention share one more. A swap thus costs a single
+    fused call for the source and all its targets.
+    """
+    dim = value.shape[-1]
+    shared = torch.cat([value[0]] + [edit.source.to(v) @ v for edit, v in zip(edits, value[1:])], dim=-1)
+    outputs = list(F.scaled_dot_product_attention(query[0], key[0], shared, attn_mask=None if mask is None else mask[0]).split(dim, dim=-1))
+    own = [i for i, edit in enumerate(edits, start=1) if edit.own.any()]
+    if own:
+        scaled = torch.stack([edits[i - 1].own.to(value)[:, None] * value[i] for i in own])
+        extra = F.scaled_dot_product_attention(query[own], key[own], scaled, attn_mask=None if mask is None else mask[own])
+        for i, term in zip(own, extra):
+            outputs[i] = outputs[i] + term
+    return torch.stack(outputs)
 
 
 def edited_probs(edit: CrossEdit, p_src: torch.Tensor, p_tgt: torch.Tensor) -> torch.Tensor:

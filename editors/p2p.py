@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from editors.blend import region
-from editors.edits import CrossEdit, edited_probs, explicit_output, fused_output
+from editors.edits import CrossEdit, edited_probs, explicit_output, fused_outputs
 from xattn.controller import Controller, explicit_probs
 from xattn.sites import Site
 
@@ -72,31 +72,23 @@ class PromptToPrompt(Controller):
         rows = query.shape[0]
         if rows != len(self.edits) + 1:
             raise ValueError(f"the batch has {rows} conditional rows; this edit needs 1 source + {len(self.edits)} target(s), one image each")
-        masks = [None] * rows if mask is None else list(mask)
         if site.kind == "self":
-            return self._inject_self(query, key, value, masks)
+            return self._inject_self(query, key, value, mask)
         probs = explicit_probs(query, key, mask, site.scale) if self.explicit or self._records(site) else None
+        now = [edit.at(self.schedules[i, site.step].to(edit.source)) for i, edit in enumerate(self.edits)]
         if self.explicit:
-            outputs = [probs[0].to(value) @ value[0]]
+            out = torch.stack([probs[0].to(value) @ value[0]] + [explicit_output(e, probs[0], probs[i], value[i]) for i, e in enumerate(now, start=1)])
         else:
-            outputs = [F.scaled_dot_product_attention(query[0], key[0], value[0], attn_mask=masks[0])]
-        edited_maps = []
-        for i, edit in enumerate(self.edits, start=1):
-            now = edit.at(self.schedules[i - 1, site.step].to(edit.source))
-            if self.explicit:
-                outputs.append(explicit_output(now, probs[0], probs[i], value[i]))
-            else:
-                outputs.append(fused_output(now, query[0], key[0], query[i], key[i], value[i], masks[0]))
-            if probs is not None and self._records(site):
-                edited_maps.append(edited_probs(now, probs[0], probs[i]))
-        if edited_maps:
-            self._record(site, probs[0], edited_maps)
-        return torch.stack(outputs)
+            out = fused_outputs(now, query, key, value, mask)
+        if probs is not None and self._records(site):
+            self._record(site, probs[0], [edited_probs(e, probs[0], probs[i]) for i, e in enumerate(now, start=1)])
+        return out
 
-    def _inject_self(self, query, key, value, masks):
-        source = F.scaled_dot_product_attention(query[0], key[0], value[0], attn_mask=masks[0])
-        targets = [F.scaled_dot_product_attention(query[0], key[0], v, attn_mask=masks[0]) for v in value[1:]]
-        return torch.stack([source, *targets])
+    def _inject_self(self, query, key, value, mask):
+        """Every row takes the source's self-attention map: one fused call over the rows' values side by side."""
+        shared = torch.cat(list(value), dim=-1)
+        out = F.scaled_dot_product_attention(query[0], key[0], shared, attn_mask=None if mask is None else mask[0])
+        return torch.stack(out.split(value.shape[-1], dim=-1))
 
     def _record(self, site: Site, source_probs: torch.Tensor, target_probs: list[torch.Tensor]) -> None:
         """Add this layer's blend-word maps (summed over the words' tokens, mean over heads) to the running sums."""

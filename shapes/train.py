@@ -5,12 +5,14 @@
 Stages, each checkpointed under --work so a killed run resumes where it stopped:
 1. the VAE (64 px -> 16x16x4 latents), on rendered scenes (mostly 32 px crops);
 2. a fixed data set of scenes, encoded to latents once, with per-object masks and word positions;
-3. the UNet and CLIP text encoder together: the usual noise-prediction loss (min-SNR weighted,
-   captions dropped 10 % of the time for classifier-free guidance) plus a supervision of
-   cross-attention: each object's colour and shape word should put its attention inside that
-   object (loss -log of the share of the word's attention that falls in its mask). Without it
-   every word of a tiny model attends to every object alike, and per-word maps and
-   Prompt-to-Prompt edits mean nothing.
+3. the UNet and CLIP text encoder together: the v-prediction loss on a zero-terminal-SNR
+   schedule (captions dropped 10 % of the time for classifier-free guidance) plus two auxiliary
+   losses. A supervision of cross-attention: each object's colour and shape word should put its
+   attention inside that object (loss -log of the share of the word's attention that falls in its
+   mask); without it every word of a tiny model attends to every object alike, and per-word maps
+   and Prompt-to-Prompt edits mean nothing. And a word-identity loss: each caption token's output
+   state must name its own word (see `identity_loss`); without it the supervision turns each
+   shape word into a copy of its colour word and the model ignores shape words.
 The exported weights are the UNet's and text encoder's exponential moving averages.
 """
 
@@ -55,8 +57,7 @@ class Settings:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     attention_weight: float = 0.5
-    min_snr_gamma: float = 5.0
-    prediction: str = "epsilon"
+    identity_weight: float = 0.2
     checkpoint_every: int = 250
 
     def digest(self, *fields: str) -> str:
@@ -199,16 +200,42 @@ def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.T
     return total / len(maps)
 
 
+IDENTITY_SCALE = 10.0
+
+
+def identity_loss(states: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a cosine classifier that names each token's word from its output state.
+
+    states: (B, T, D) text-encoder outputs; targets: (B, T) word classes, -100 where ignored;
+    prototypes: (C, D), one per word. Cosine logits at a fixed scale cannot be satisfied by
+    growing the classifier's weights: the states themselves must point at their own word's
+    prototype more than at any other's, so the shape word keeps its identity while the
+    attention supervision pulls it toward its object.
+    """
+    logits = IDENTITY_SCALE * F.normalize(states, dim=-1) @ F.normalize(prototypes, dim=-1).T
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def word_classes(ids: torch.Tensor, special: tuple[int, ...]) -> torch.Tensor:
+    """A lookup from token id to word class over the words the captions use; -100 for the rest."""
+    words = [int(i) for i in torch.unique(ids) if int(i) not in special]
+    lookup = torch.full((int(ids.max()) + 1,), -100, dtype=torch.int64)
+    lookup[torch.tensor(words)] = torch.arange(len(words))
+    return lookup
+
+
 def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor], scaling: float, tokenizer: CLIPTokenizer):
-    """Stage 3: UNet + text encoder with attention supervision; returns the EMA-weighted modules."""
+    """Stage 3: UNet + text encoder with attention supervision and word identity; returns the EMA-weighted modules."""
     torch.manual_seed(settings.seed)
     unet, text_encoder = architecture.build_unet(), architecture.build_text_encoder()
-    scheduler = architecture.train_scheduler(settings.prediction)
+    scheduler = architecture.train_scheduler()
     sink: list[torch.Tensor] = []
     stock = unet.attn_processors
     unet.set_attn_processor({name: SupervisedCrossAttention(sink) if "attn2" in name else proc for name, proc in stock.items()})
     unet.to(memory_format=torch.channels_last)  # about 15 % faster convolutions on CPU
-    modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    classes = word_classes(data["ids"], (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    identity = torch.nn.Linear(architecture.TEXT_WIDTH, int(classes.max()) + 1, bias=False)
+    modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder, "identity": identity})
     opt = torch.optim.AdamW(modules.parameters(), lr=settings.lr, weight_decay=1e-2, fused=True)
     params = dict(modules.named_parameters())
     ema = {k: v.detach().clone() for k, v in params.items()}
@@ -225,8 +252,6 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         opt.load_state_dict(opt_state["optimizer"])
         torch.set_rng_state(opt_state["rng"])
         start = int(opt_state["step"])
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
     empty = torch.tensor(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids)
     n = data["latents"].shape[0]
     log = open(work / "train-log.jsonl", "a")
@@ -244,14 +269,11 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         sink.clear()
         states = text_encoder(ids)[0]
         pred = unet(noisy, t, states).sample
-        if settings.prediction == "epsilon":
-            target, step_weight = noise, torch.clamp(snr[t], max=settings.min_snr_gamma) / snr[t]
-        else:
-            target, step_weight = scheduler.get_velocity(latents, noise, t), torch.ones_like(snr[t])
-        denoise = (step_weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        denoise = F.mse_loss(pred, scheduler.get_velocity(latents, noise, t))
         objects = (data["valid"][index] & ~dropped[:, None]).float()
         attend = attention_loss(sink, data["masks"][index], data["words"][index], objects)
-        loss = denoise + settings.attention_weight * attend
+        naming = identity_loss(states, classes[ids], identity.weight)
+        loss = denoise + settings.attention_weight * attend + settings.identity_weight * naming
         lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / settings.steps))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -262,9 +284,9 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         with torch.no_grad():
             torch._foreach_lerp_(ema_list, param_list, 1.0 if step < settings.warmup else 1 - settings.ema_decay)
         if step % 50 == 0:
-            log.write(json.dumps({"step": step, "denoise": denoise.item(), "attention": attend.item(), "lr": lr, "seconds": time.time() - began}) + "\n")
+            log.write(json.dumps({"step": step, "denoise": denoise.item(), "attention": attend.item(), "identity": naming.item(), "lr": lr, "seconds": time.time() - began}) + "\n")
             log.flush()
-            bar.set_postfix(denoise=f"{denoise.item():.4f}", attention=f"{attend.item():.3f}")
+            bar.set_postfix(denoise=f"{denoise.item():.4f}", attention=f"{attend.item():.3f}", identity=f"{naming.item():.3f}")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             state = {f"model.{k}": v for k, v in modules.state_dict().items()} | {f"ema.{k}": v for k, v in ema.items()}
             torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step + 1}, work / "optimizer.pt.tmp")
@@ -279,7 +301,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
     return unet.eval(), text_encoder.eval()
 
 
-def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling: float, prediction: str) -> None:
+def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling: float) -> None:
     """Write the diffusers folder that StableDiffusionPipeline.from_pretrained loads.
 
     UNet and VAE are stored in fp16 (diffusers loads them as fp32); the text encoder stays fp32
@@ -291,7 +313,7 @@ def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=architecture.sample_scheduler(prediction),
+        scheduler=architecture.sample_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -337,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     data = build_dataset(settings, args.work, vae, tokenizer)
     scaling = float(1.0 / data["latents"].std())
     unet, text_encoder = train_denoiser(settings, work, data, scaling, tokenizer)
-    export(args.out, vae, unet, text_encoder, tokenizer, scaling, settings.prediction)
+    export(args.out, vae, unet, text_encoder, tokenizer, scaling)
     minutes = (time.time() - began) / 60
     (work / "done.json").write_text(json.dumps({"minutes_this_run": minutes, "out": str(args.out)}))
     print(f"wrote {args.out} ({minutes:.1f} min in this run; checkpoints in {work})")

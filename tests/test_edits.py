@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
-from editors.edits import CrossEdit, edited_probs, explicit_output, fused_output, refine, reweight, swap
+from editors.edits import CrossEdit, edited_probs, explicit_output, fused_outputs, refine, reweight, swap
 from editors.schedules import token_schedule, window, word_windows
 from shapes import MODEL_PATH
 from xattn.align import align, refine_mapper, segments, swap_mapper, swapped_words
@@ -88,15 +88,6 @@ def _probs(q, k):
     return (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
 
 
-@pytest.fixture
-def qkv():
-    g = torch.Generator().manual_seed(0)
-    shape = (2, 6, 8)  # heads, queries, dim; 5 tokens
-    q_src, q_tgt = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    k_src, k_tgt, v_tgt = (torch.randn(2, 5, 8, generator=g) for _ in range(3))
-    return q_src, k_src, q_tgt, k_tgt, v_tgt
-
-
 def test_edits_follow_the_paper_formulas():
     p_src = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]])
     p_tgt = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.2]])
@@ -112,23 +103,33 @@ def test_edits_follow_the_paper_formulas():
     assert torch.allclose(edited_probs(later, p_src, p_tgt), torch.tensor([[0.1, 0.1, 0.2, 0.4, 0.0]]))
 
 
-@pytest.mark.parametrize(
-    "edit",
-    [
-        swap(torch.eye(5)[[0, 2, 1, 3, 4]]),
-        refine(torch.tensor([0, 1, 0, 2, 3]), torch.tensor([1.0, 1, 0, 1, 1])),
-        reweight(torch.tensor([1.0, -1, 2, 1, 0.5])),
-        reweight(torch.tensor([1.0, 2, 2, 1, 1]), swap(torch.eye(5)).at(torch.tensor([1.0, 1, 0, 0, 1]))),
-        CrossEdit(torch.zeros(5, 5), torch.zeros(5)),
-    ],
-)
-def test_fused_output_equals_the_explicit_reference(qkv, edit):
-    q_src, k_src, q_tgt, k_tgt, v_tgt = qkv
-    reference = explicit_output(edit, _probs(q_src, k_src), _probs(q_tgt, k_tgt), v_tgt)
-    assert torch.allclose(fused_output(edit, q_src, k_src, q_tgt, k_tgt, v_tgt), reference, atol=1e-6)
+EDITS = [
+    swap(torch.eye(5)[[0, 2, 1, 3, 4]]),
+    refine(torch.tensor([0, 1, 0, 2, 3]), torch.tensor([1.0, 1, 0, 1, 1])),
+    reweight(torch.tensor([1.0, -1, 2, 1, 0.5])),
+    reweight(torch.tensor([1.0, 2, 2, 1, 1]), swap(torch.eye(5)).at(torch.tensor([1.0, 1, 0, 0, 1]))),
+    CrossEdit(torch.zeros(5, 5), torch.zeros(5)),
+]
 
 
-def test_identity_edit_is_the_source_attention(qkv):
-    q_src, k_src, q_tgt, k_tgt, v_tgt = qkv
-    out = fused_output(swap(torch.eye(5)), q_src, k_src, q_tgt, k_tgt, v_tgt)
-    assert torch.allclose(out, F.scaled_dot_product_attention(q_src, k_src, v_tgt), atol=1e-6)
+def _rows(count: int):
+    """(rows, heads, queries|tokens, dim) query, key and value for a source and `count` targets."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(count + 1, 2, 6, 8, generator=g), torch.randn(count + 1, 2, 5, 8, generator=g), torch.randn(count + 1, 2, 5, 8, generator=g)
+
+
+@pytest.mark.parametrize("edits", [[edit] for edit in EDITS] + [EDITS], ids=[*(f"edit{i}" for i in range(len(EDITS))), "all-at-once"])
+def test_fused_outputs_equal_the_explicit_reference(edits):
+    query, key, value = _rows(len(edits))
+    probs = _probs(query, key)
+    reference = [probs[0] @ value[0]] + [explicit_output(e, probs[0], probs[i], value[i]) for i, e in enumerate(edits, start=1)]
+    assert torch.allclose(fused_outputs(edits, query, key, value), torch.stack(reference), atol=1e-6)
+
+
+def test_identity_swap_gives_the_target_the_source_attention():
+    query, key, value = _rows(1)
+    out = fused_outputs([swap(torch.eye(5))], query, key, value)
+    assert torch.allclose(out[0], F.scaled_dot_product_attention(query[0], key[0], value[0]), atol=1e-6)
+    assert torch.allclose(out[1], F.scaled_dot_product_attention(query[0], key[0], value[1]), atol=1e-6)
+
+

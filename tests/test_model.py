@@ -6,7 +6,7 @@ from diffusers import StableDiffusionPipeline
 import xattn
 from benchmarks.shapes_quality import _shape_word_peaks, prompt_sets
 from pipelines.loading import load_pipeline, resolve_model
-from shapes import MODEL_PATH, match_caption
+from shapes import COLOURS, MODEL_PATH, SHAPES, match_caption
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,13 @@ def test_same_seed_same_image_and_different_seed_different(pipe):
     assert np.abs(first - other).max() > 0.1
 
 
-def test_objects_have_the_prompts_colour(pipe):
-    """The shipped model binds colour words (shape and count fidelity are measured in benchmarks/)."""
-    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple square"] * 4
+def test_one_object_prompts_come_out_exactly(pipe):
+    """The shipped model draws the asked colour and shape, once (full figures: benchmarks/RESULTS.md)."""
+    prompts = [f"a {c} {s}" for c in COLOURS for s in SHAPES] * 2
     generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=generators, output_type="np").images
-    right = [bool(v.found) and all(o.colour == p.split()[1] for o in v.found)
-             for p, v in ((p, match_caption(np.rint(im * 255), p)) for p, im in zip(prompts, images))]
-    assert np.mean(right) >= 0.8
+    exact = [match_caption(np.rint(image * 255), prompt).exact for prompt, image in zip(prompts, images)]
+    assert np.mean(exact) >= 0.75  # 87 % here; the model before the zero-SNR and word-identity recipe: about 20 %
 
 
 def test_missing_model_paths_are_clear_errors(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from shapes import MODEL_PATH
-from shapes.train import attention_loss, main
+from shapes.train import IDENTITY_SCALE, attention_loss, identity_loss, main, word_classes
 
 
 def test_attention_loss_is_minus_log_share_inside_the_mask():
@@ -21,6 +21,23 @@ def test_attention_loss_is_minus_log_share_inside_the_mask():
     expected = -(math.log(share_1) + math.log(share_2)) / 2
     assert attention_loss([probs], masks, words, weight).item() == pytest.approx(expected, rel=1e-6)
     assert attention_loss([probs], masks, words, torch.zeros(1, 1)).item() == 0.0
+
+
+def test_identity_loss_is_cross_entropy_of_cosine_logits_at_a_fixed_scale():
+    states = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])  # (B=1, T=3, D=2)
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([[0, 0, -100]])  # the third token is ignored
+    first = math.log(1 + math.exp(-IDENTITY_SCALE))  # cosine 1 to its own word, 0 to the other
+    second = math.log(1 + math.exp(IDENTITY_SCALE))  # cosine 0 to its own word, 1 to the other
+    assert identity_loss(states, targets, prototypes).item() == pytest.approx((first + second) / 2, rel=1e-5)
+    # growing the classifier cannot lower it: only the states' directions count
+    assert identity_loss(states, targets, 100 * prototypes).item() == pytest.approx((first + second) / 2, rel=1e-5)
+
+
+def test_word_classes_number_the_caption_words_and_skip_special_tokens():
+    ids = torch.tensor([[49406, 320, 736, 49407, 49407], [49406, 320, 1746, 49407, 49407]])
+    lookup = word_classes(ids, (49406, 49407))
+    assert lookup[ids].tolist() == [[-100, 0, 1, -100, -100], [-100, 0, 2, -100, -100]]
 
 
 def test_short_training_writes_a_loadable_model_and_resumes(tmp_path):
