@@ -53,6 +53,7 @@ class PromptToPrompt(Controller):
         self.explicit = explicit
         self.blend_maps: torch.Tensor | None = None
         self.subtract_maps: torch.Tensor | None = None
+        self._step_edits: tuple[int, list[CrossEdit]] = (-1, [])
 
     @property
     def steps(self) -> int:
@@ -75,7 +76,7 @@ class PromptToPrompt(Controller):
         if site.kind == "self":
             return self._inject_self(query, key, value, mask)
         probs = explicit_probs(query, key, mask, site.scale) if self.explicit or self._records(site) else None
-        now = [edit.at(self.schedules[i, site.step].to(edit.source)) for i, edit in enumerate(self.edits)]
+        now = self._edits_at(site.step)
         if self.explicit:
             out = torch.stack([probs[0].to(value) @ value[0]] + [explicit_output(e, probs[0], probs[i], value[i]) for i, e in enumerate(now, start=1)])
         else:
@@ -83,6 +84,12 @@ class PromptToPrompt(Controller):
         if probs is not None and self._records(site):
             self._record(site, probs[0], [edited_probs(e, probs[0], probs[i]) for i, e in enumerate(now, start=1)])
         return out
+
+    def _edits_at(self, step: int) -> list[CrossEdit]:
+        """Each target's edit with this step's schedule applied, made once per step for all layers."""
+        if self._step_edits[0] != step:
+            self._step_edits = (step, [edit.at(self.schedules[i, step].to(edit.source)) for i, edit in enumerate(self.edits)])
+        return self._step_edits[1]
 
     def _inject_self(self, query, key, value, mask):
         """Every row takes the source's self-attention map: one fused call over the rows' values side by side."""

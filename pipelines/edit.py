@@ -113,14 +113,13 @@ def prompt_to_prompt(
     blend_start = window(blend.start, steps, "blend start")[1] if blend is not None else steps
     controller = PromptToPrompt(cross, schedules, self_window, self_resolution or max(1, max(latent) // 4), tokens, explicit)
 
+    fixed_region = user_region(blend.mask, latent) if blend is not None and blend.mask is not None else None
+
     def keep_source_outside(pipeline, step: int, timestep, kwargs):
         if step < blend_start:
             return kwargs
-        if blend.mask is not None:
-            region = user_region(blend.mask, latent).to(kwargs["latents"].device)
-        else:
-            region = controller.blend_region(latent, blend.threshold, blend.subtract_threshold).to(kwargs["latents"].device)
-        return {"latents": blend_latents(kwargs["latents"], region)}
+        region = fixed_region if fixed_region is not None else controller.blend_region(latent, blend.threshold, blend.subtract_threshold)
+        return {"latents": blend_latents(kwargs["latents"], region.to(kwargs["latents"].device))}
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     start = randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=generator, dtype=pipe.unet.dtype)

@@ -36,12 +36,22 @@ class Segments:
     end: int
 
 
+def _token_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids with start- and end-of-text; a prompt the length limit would cut is an error."""
+    ids = tokenizer(prompt, truncation=False).input_ids
+    if len(ids) > tokenizer.model_max_length:
+        raise ValueError(f"the prompt {prompt!r} is {len(ids)} tokens long; the tokenizer keeps {tokenizer.model_max_length}: shorten it")
+    return ids
+
+
+def _tail(source_end: int, target_end: int, size: int) -> list[tuple[int, int]]:
+    """(source, target) token pairs from `target_end` on, each counted from its own prompt's end."""
+    return [(min(source_end + t - target_end, size - 1), t) for t in range(target_end, size)]
+
+
 def segments(tokenizer, prompt: str) -> Segments:
     """Split the tokens of `prompt` into words and gaps; a prompt cut by the length limit is an error."""
-    limit = tokenizer.model_max_length
-    ids = tokenizer(prompt, truncation=False).input_ids
-    if len(ids) > limit:
-        raise ValueError(f"the prompt {prompt!r} is {len(ids)} tokens long; the tokenizer keeps {limit}: shorten it")
+    ids = _token_ids(tokenizer, prompt)
     words = [w for w in prompt_words(tokenizer, prompt) if w.tokens]
     owned = {t for w in words for t in w.tokens}
     gaps: list[list[int]] = [[] for _ in range(len(words) + 1)]
@@ -58,12 +68,6 @@ def _map_block(mapper: torch.Tensor, source: tuple[int, ...], target: tuple[int,
     elif source and target:
         for t in target:
             mapper[list(source), t] = 1.0 / len(target)
-
-
-def _map_tail(mapper: torch.Tensor, source_end: int, target_end: int) -> None:
-    size = mapper.shape[0]
-    for t in range(target_end, size):
-        mapper[min(source_end + t - target_end, size - 1), t] = 1.0
 
 
 def swap_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
@@ -86,7 +90,8 @@ def swap_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
         _map_block(mapper, s, t)
     for s, t in zip(src.gaps, tgt.gaps):
         _map_block(mapper, s, t)
-    _map_tail(mapper, src.end, tgt.end)
+    for s, t in _tail(src.end, tgt.end, size):
+        mapper[s, t] = 1.0
     return mapper
 
 
@@ -139,18 +144,13 @@ def refine_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, to
     Mismatched tokens count as new: a refinement adds words, it does not swap them.
     """
     limit = tokenizer.model_max_length
-    source_ids = tokenizer(source, truncation=False).input_ids
-    target_ids = tokenizer(target, truncation=False).input_ids
-    for prompt, ids in ((source, source_ids), (target, target_ids)):
-        if len(ids) > limit:
-            raise ValueError(f"the prompt {prompt!r} is {len(ids)} tokens long; the tokenizer keeps {limit}: shorten it")
+    source_ids, target_ids = _token_ids(tokenizer, source), _token_ids(tokenizer, target)
     aligned = align(source_ids, target_ids)
     index = torch.zeros(limit, dtype=torch.long)
     kept = torch.zeros(limit)
     for t, s in enumerate(aligned):
         if s >= 0:
             index[t], kept[t] = s, 1.0
-    source_end, target_end = len(source_ids), len(target_ids)
-    for t in range(target_end, limit):
-        index[t], kept[t] = min(source_end + t - target_end, limit - 1), 1.0
+    for s, t in _tail(len(source_ids), len(target_ids), limit):
+        index[t], kept[t] = s, 1.0
     return index, kept
