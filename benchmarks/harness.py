@@ -14,22 +14,30 @@ import torch
 
 
 def time_interleaved(modes: dict[str, Callable[[], object]], reps: int) -> dict:
-    """Each mode once to warm up, then `reps` rounds of every mode in turn; medians, minima and their ratios to the first mode."""
+    """Each mode once to warm up, then `reps` rounds of every mode; medians, minima and ratios to the first mode.
+
+    Rounds alternate the order of the modes (forward, then backward), so no mode always runs
+    right after the same one. `ratio_paired` is the median over rounds of each round's own
+    ratio: a slow stretch of the machine lands on both sides of a round's ratio and cancels,
+    where the ratio of medians across rounds does not.
+    """
     for fn in modes.values():
         fn()
+    names = list(modes)
     times = {name: [] for name in modes}
-    for _ in range(reps):
-        for name, fn in modes.items():
+    for round_ in range(reps):
+        for name in names if round_ % 2 == 0 else reversed(names):
             began = time.perf_counter()
-            fn()
+            modes[name]()
             times[name].append(time.perf_counter() - began)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
-    base = next(iter(modes))
+    base = names[0]
     return {
         "reps": reps, "median_s": med, "min_s": low,
-        "ratio_median": {k: med[k] / med[base] for k in modes if k != base},
-        "ratio_min": {k: low[k] / low[base] for k in modes if k != base},
+        "ratio_median": {k: med[k] / med[base] for k in names[1:]},
+        "ratio_min": {k: low[k] / low[base] for k in names[1:]},
+        "ratio_paired": {k: statistics.median(a / b for a, b in zip(times[k], times[base])) for k in names[1:]},
         "threads": torch.get_num_threads(),
     }
 

@@ -9,8 +9,13 @@ Rows (one-object prompts, 25 DDIM steps, guidance 5, seed i for pair i):
 - refinement ("a red circle" -> "a red circle and a blue square");
 - re-weighting the colour word of "a red circle" at several scales.
 Measured over the pairs whose source the judge reads as exactly the source prompt: how often the
-edit shows the asked object, how often it is exactly the target prompt, the mask IoU between the
-source object and the edited one (median), and the PSNR outside both objects (dilated 2 px).
+edit shows the asked object, how often it is exactly the target prompt, the PSNR outside both
+objects (dilated 2 px), and whether the object stayed where it was: medians of the mask IoU
+between the source object and the edited one, of their bounding-box IoU and of the distance
+between their box centres. A shape swap cannot reach a mask IoU of 1 even in place (a circle
+and a square in the same box overlap at 0.785), so its rows also give the IoU of the two shapes
+drawn in the source's box, the ceiling of an edit that keeps the object exactly in place; the
+world draws every shape in a 2 x half-size box, so the box IoU is the like-for-like measure.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from editors import LocalBlend, Refine, Reweight, Swap
 from pipelines.edit import prompt_to_prompt
 from pipelines.loading import load_pipeline
 from shapes import COLOURS, SHAPES, match_caption, read_objects
+from shapes.scenes import IMAGE_SIZE, shape_mask
 
 SCALES = (-1.0, 0.0, 0.5, 1.0, 2.0, 4.0)
 
@@ -54,6 +60,39 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """IoU of two inclusive pixel boxes (x0, y0, x1, y1)."""
+    w = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    h = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    inter = max(w, 0) * max(h, 0)
+    area = lambda box: (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+    return inter / (area(a) + area(b) - inter)
+
+
+def _centre_shift(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    return float(np.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2))
+
+
+def _in_place_ceiling(obj, shape: str) -> float:
+    """Mask IoU between the object and `shape` drawn in the object's box: a perfect in-place swap's IoU."""
+    x0, y0, x1, y1 = obj.box
+    half = (x1 - x0 + y1 - y0 + 2) / 4
+    drawn = shape_mask(shape, (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2, half, IMAGE_SIZE, 4) >= 0.5
+    return _iou(obj.mask, drawn)
+
+
+def _place_row(before: list, after: list, shapes: list[str] | None = None) -> dict:
+    """Medians of how far each edited object moved from its source object."""
+    row = {
+        "median_iou": float(np.median([_iou(a.mask, b.mask) for a, b in zip(before, after)])) if after else None,
+        "median_box_iou": float(np.median([_box_iou(a.box, b.box) for a, b in zip(before, after)])) if after else None,
+        "median_centre_shift_px": float(np.median([_centre_shift(a.box, b.box) for a, b in zip(before, after)])) if after else None,
+    }
+    if shapes is not None:
+        row["median_in_place_iou_ceiling"] = float(np.median([_in_place_ceiling(a, s) for a, s in zip(before, shapes)])) if after else None
+    return row
+
+
 def _psnr_outside(a: np.ndarray, b: np.ndarray, masks: list[np.ndarray]) -> float:
     inside = ndimage.binary_dilation(np.any(masks, axis=0), iterations=2)
     err = ((a.astype(np.float64) - b.astype(np.float64))[~inside] ** 2).mean()
@@ -68,7 +107,7 @@ def run_swaps(pipe, kind: str, seeds: int) -> dict:
     }
     rows = {}
     for name, options in variants.items():
-        present, exact, ious, psnrs, valid, began = [], [], [], [], 0, time.time()
+        present, exact, moved, psnrs, valid, began = [], [], ([], [], []), [], 0, time.time()
         for i, (source, target, thing, wanted) in enumerate(pairs(kind, seeds)):
             extra = options if isinstance(options, dict) else dict(blend=LocalBlend([thing[1]], [wanted[1]]))
             src_img, tgt_img = (np.rint(x * 255).astype(np.uint8) for x in prompt_to_prompt(pipe, [source, target], Swap(), seed=i, output_type="np", **extra).images)
@@ -79,14 +118,15 @@ def run_swaps(pipe, kind: str, seeds: int) -> dict:
             present.append(after is not None)
             exact.append(match_caption(tgt_img, target).exact)
             if after is not None:
-                ious.append(_iou(before.mask, after.mask))
+                for column, value in zip(moved, (before, after, wanted[1])):
+                    column.append(value)
                 psnrs.append(_psnr_outside(src_img, tgt_img, [before.mask, after.mask]))
         rows[name] = {
             "pairs": seeds,
             "valid_sources": valid,
             "asked_object_present": float(np.mean(present)) if present else None,
             "target_exact": float(np.mean(exact)) if exact else None,
-            "median_iou": float(np.median(ious)) if ious else None,
+            **_place_row(*moved[:2], moved[2] if kind == "shape" else None),
             "median_background_psnr_db": float(np.median(psnrs)) if psnrs else None,
             "seconds": time.time() - began,
         }
@@ -95,7 +135,7 @@ def run_swaps(pipe, kind: str, seeds: int) -> dict:
 
 
 def run_refine(pipe, seeds: int) -> dict:
-    both, ious, valid = [], [], 0
+    both, before, after, valid = [], [], [], 0
     colours = list(COLOURS)
     for i in range(seeds):
         c, s = colours[i % 5], SHAPES[(i // 5) % 3]
@@ -108,9 +148,10 @@ def run_refine(pipe, seeds: int) -> dict:
         both.append(match_caption(tgt_img, target).exact)
         kept = _find(tgt_img, (c, s))
         if kept is not None:
-            ious.append(_iou(_find(src_img, (c, s)).mask, kept.mask))
+            before.append(_find(src_img, (c, s)))
+            after.append(kept)
     row = {"pairs": seeds, "valid_sources": valid, "target_exact": float(np.mean(both)) if both else None,
-           "kept_object_median_iou": float(np.median(ious)) if ious else None}
+           **{f"kept_object_{k}": v for k, v in _place_row(before, after).items()}}
     print("refine", row, flush=True)
     return row
 

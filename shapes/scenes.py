@@ -191,7 +191,7 @@ def render(objects: list[tuple[str, str, float, float, int]], size: int = IMAGE_
 
 def sample_layout(rng: np.random.Generator) -> Layout:
     """A random caption layout: 1-3 objects of distinct colours, some with places or a relation."""
-    count = rng.choice([1, 2, 3], p=[0.4, 0.45, 0.15])
+    count = rng.choice([1, 2, 3], p=[0.35, 0.5, 0.15])
     colours = rng.choice(list(COLOURS), size=count, replace=False)
     things = tuple(Thing(str(c), str(rng.choice(SHAPES))) for c in colours)
     kind = rng.random()

@@ -1,14 +1,17 @@
 """Train the embedded shapes model from scratch on CPU and write it as a diffusers folder.
 
-    python -m shapes.train [--out shapes/model] [--work runs/shapes] [--seed 0]
+    python -m shapes.train [--out runs/model] [--work runs/shapes] [--seed 0]
+
+It writes to runs/model unless told otherwise: replacing the shipped model is a deliberate
+`--out shapes/model`.
 
 Stages, each checkpointed under --work so a killed run resumes where it stopped:
 1. the VAE (64 px -> 16x16x4 latents), on rendered scenes (mostly 32 px crops);
 2. a fixed data set of scenes, encoded to latents once, with per-object masks and word positions;
 3. the UNet and CLIP text encoder together: the v-prediction loss on a zero-terminal-SNR
    schedule (captions dropped 10 % of the time for classifier-free guidance) plus two auxiliary
-   losses. A supervision of cross-attention: each object's colour and shape word should put its
-   attention inside that object (loss -log of the share of the word's attention that falls in its
+   losses. A supervision of cross-attention: each object's colour, shape and place word should put
+   its attention inside that object (loss -log of the share of the word's attention that falls in its
    mask); without it every word of a tiny model attends to every object alike, and per-word maps
    and Prompt-to-Prompt edits mean nothing. And a word-identity loss: each caption token's output
    state must name its own word (see `identity_loss`); without it the supervision turns each
@@ -40,6 +43,7 @@ from shapes.scenes import BACKGROUND, IMAGE_SIZE, make_scene
 from shapes.tokenizer import build_tokenizer, download_wheel, read_bpe_from_wheel
 
 MAX_OBJECTS = 3
+RECIPE = 2  # bump when the scenes, the stored fields or the losses change: it names the data cache and the run folder
 
 
 @dataclass(frozen=True)
@@ -120,31 +124,44 @@ def train_vae(settings: Settings, work: Path) -> torch.nn.Module:
     return vae.eval()
 
 
-def word_positions(tokenizer: CLIPTokenizer, scene) -> list[tuple[int, int]]:
-    """Token index of each object's colour word and shape word in the scene's caption."""
+def word_positions(tokenizer: CLIPTokenizer, scene) -> list[tuple[int, int, int]]:
+    """Token index of each object's colour, shape and place word in the scene's caption (-1: no place word).
+
+    An object's place word is its own absolute place ("on the left"), or for the subject of a
+    relation ("a red circle above a blue square") the relation word. CLIP's text encoder is
+    causal, so the colour and shape words cannot see a place word that follows them: unless the
+    place word's own attention lands on its object, the model cannot tie the place to it.
+    """
     ids = tokenizer(scene.caption).input_ids
     words = [tokenizer.decode([i]).strip() for i in ids]
+    layout = scene.layout
     positions, used = [], set()
-    for thing in scene.layout.things:
-        pair = []
-        for word in (thing.colour, thing.shape):
-            index = next(i for i, w in enumerate(words) if w == word and i not in used)
+    for k, thing in enumerate(layout.things):
+        colour = next(i for i, w in enumerate(words) if w == thing.colour and i not in used)
+        shape = next(i for i, w in enumerate(words) if w == thing.shape and i > colour and i not in used)
+        used.update((colour, shape))
+        found = [colour, shape]
+        place = layout.place[k]
+        if place is None and layout.relation is not None and layout.relation[0] == k:
+            place = layout.relation[1]
+        index = -1
+        if place is not None:
+            index = next(i for i, w in enumerate(words) if w == place and i > found[1] and i not in used)
             used.add(index)
-            pair.append(index)
-        positions.append(tuple(pair))
+        positions.append((*found, index))
     return positions
 
 
 def build_dataset(settings: Settings, work: Path, vae, tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor]:
     """Stage 2: scenes as latents, token ids, per-object 16x16 masks and word positions (cached)."""
-    path = work / f"data-{settings.digest(*VAE_FIELDS, 'scenes')}.safetensors"
+    path = work / f"data-v{RECIPE}-{settings.digest(*VAE_FIELDS, 'scenes')}.safetensors"
     if path.exists():
         return load_file(str(path))
     n = settings.scenes
     ids = torch.full((n, tokenizer.model_max_length), tokenizer.pad_token_id, dtype=torch.int32)
     masks = torch.zeros(n, MAX_OBJECTS, architecture.LATENT_SIZE, architecture.LATENT_SIZE)
-    words = torch.zeros(n, MAX_OBJECTS, 2, dtype=torch.int64)
-    valid = torch.zeros(n, MAX_OBJECTS, dtype=torch.bool)
+    words = torch.zeros(n, MAX_OBJECTS, 3, dtype=torch.int64)
+    valid = torch.zeros(n, MAX_OBJECTS, 3, dtype=torch.bool)
     latents = torch.zeros(n, 4, architecture.LATENT_SIZE, architecture.LATENT_SIZE)
     chunk = 256
     factor = IMAGE_SIZE // architecture.LATENT_SIZE
@@ -156,11 +173,11 @@ def build_dataset(settings: Settings, work: Path, vae, tokenizer: CLIPTokenizer)
             i = start + offset
             tokens = tokenizer(scene.caption, padding="max_length", max_length=tokenizer.model_max_length).input_ids
             ids[i] = torch.tensor(tokens, dtype=torch.int32)
-            for k, (obj, pair) in enumerate(zip(scene.objects, word_positions(tokenizer, scene))):
+            for k, (obj, found) in enumerate(zip(scene.objects, word_positions(tokenizer, scene))):
                 full = torch.from_numpy(obj.mask.astype(np.float32))[None, None]
                 masks[i, k] = F.max_pool2d(full, factor)[0, 0]
-                words[i, k] = torch.tensor(pair)
-                valid[i, k] = True
+                words[i, k] = torch.tensor(found).clamp_min(0)
+                valid[i, k] = torch.tensor(found) >= 0
     data = {"latents": latents, "ids": ids, "masks": masks, "words": words, "valid": valid}
     save_atomic(data, path)
     return data
@@ -184,9 +201,10 @@ class SupervisedCrossAttention:
 
 
 def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean over layers, objects and their two words of -log(share of the word's attention inside its object).
+    """Mean over layers and supervised words of -log(share of the word's attention inside its object).
 
-    maps: per layer (B, N, T) probabilities; masks: (B, K, 16, 16); words: (B, K, 2); weight: (B, K).
+    maps: per layer (B, N, T) probabilities; masks: (B, K, 16, 16); words: (B, K, W) token
+    positions of each object's words; weight: (B, K, W), 0 for a word not supervised.
     """
     total = maps[0].new_zeros(())
     for probs in maps:
@@ -196,7 +214,7 @@ def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.T
         word_maps = probs.gather(2, index).transpose(1, 2).reshape(*words.shape, -1)
         inside = (word_maps * layer_masks[:, :, None, :]).sum(-1)
         share = inside / word_maps.sum(-1).clamp_min(1e-8)
-        total = total + (-torch.log(share.clamp_min(1e-6)) * weight[..., None]).sum() / (2 * weight.sum()).clamp_min(1)
+        total = total + (-torch.log(share.clamp_min(1e-6)) * weight).sum() / weight.sum().clamp_min(1)
     return total / len(maps)
 
 
@@ -270,7 +288,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         states = text_encoder(ids)[0]
         pred = unet(noisy, t, states).sample
         denoise = F.mse_loss(pred, scheduler.get_velocity(latents, noise, t))
-        objects = (data["valid"][index] & ~dropped[:, None]).float()
+        objects = (data["valid"][index] & ~dropped[:, None, None]).float()
         attend = attention_loss(sink, data["masks"][index], data["words"][index], objects)
         naming = identity_loss(states, classes[ids], identity.weight)
         loss = denoise + settings.attention_weight * attend + settings.identity_weight * naming
@@ -342,7 +360,7 @@ def load_tokenizer(work: Path, wheel: Path | None, built: Path | None) -> CLIPTo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "model", help="diffusers folder to write")
+    parser.add_argument("--out", type=Path, default=Path("runs/model"), help="diffusers folder to write (the shipped one: shapes/model)")
     parser.add_argument("--work", type=Path, default=Path("runs/shapes"), help="checkpoints and caches (resume from here)")
     parser.add_argument("--wheel", type=Path, help="open_clip_torch wheel for the tokenizer (downloaded when absent)")
     parser.add_argument("--tokenizer", type=Path, help="an already built CLIP tokenizer folder (e.g. shapes/model/tokenizer)")
@@ -350,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     settings = Settings(**{k: getattr(args, k) for k in asdict(Settings())})
-    work = args.work / settings.digest()
+    work = args.work / f"v{RECIPE}-{settings.digest()}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
     began = time.time()

@@ -5,22 +5,39 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from transformers import CLIPTokenizer
 
 from shapes import MODEL_PATH
-from shapes.train import IDENTITY_SCALE, attention_loss, identity_loss, main, word_classes
+from shapes.scenes import Layout, Thing, make_scene
+from shapes.train import IDENTITY_SCALE, attention_loss, identity_loss, main, word_classes, word_positions
 
 
 def test_attention_loss_is_minus_log_share_inside_the_mask():
     probs = torch.tensor([[[0.2, 0.5, 0.3], [0.5, 0.25, 0.25], [0.6, 0.25, 0.15], [0.7, 0.0, 0.3]]])  # (B=1, N=4 (2x2), T=3)
     masks = torch.zeros(1, 1, 16, 16)
     masks[0, 0, :8, :8] = 1  # top-left quarter -> first cell of the 2x2 map
-    words = torch.tensor([[[1, 2]]])
-    weight = torch.ones(1, 1)
+    words = torch.tensor([[[1, 2, 0]]])
+    weight = torch.tensor([[[1.0, 1.0, 0.0]]])  # the third word is not supervised
     share_1 = 0.5 / (0.5 + 0.25 + 0.25 + 0.0)
     share_2 = 0.3 / (0.3 + 0.25 + 0.15 + 0.3)
     expected = -(math.log(share_1) + math.log(share_2)) / 2
     assert attention_loss([probs], masks, words, weight).item() == pytest.approx(expected, rel=1e-6)
-    assert attention_loss([probs], masks, words, torch.zeros(1, 1)).item() == 0.0
+    assert attention_loss([probs], masks, words, torch.zeros(1, 1, 3)).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        (Layout((Thing("red", "circle"),), (None,)), [(2, 3, -1)]),
+        (Layout((Thing("red", "circle"),), ("top",)), [(2, 3, 6)]),  # a red circle at the top
+        (Layout((Thing("red", "circle"), Thing("blue", "square")), (None, None), (0, "above", 1)), [(2, 3, 4), (6, 7, -1)]),
+        (Layout((Thing("red", "circle"), Thing("blue", "square")), ("left", "right"), (0, "left", 1)), [(2, 3, 6), (9, 10, 13)]),
+        (Layout((Thing("red", "circle"), Thing("blue", "circle")), (None, None), (1, "left", 0)), [(9, 10, -1), (2, 3, 6)]),
+    ],
+)
+def test_word_positions_give_each_object_its_colour_shape_and_place_word(layout, expected):
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_PATH / "tokenizer")
+    assert word_positions(tokenizer, make_scene(0, layout)) == expected
 
 
 def test_identity_loss_is_cross_entropy_of_cosine_logits_at_a_fixed_scale():
