@@ -81,16 +81,13 @@ def _in_place_ceiling(obj, shape: str) -> float:
     return _iou(obj.mask, drawn)
 
 
-def _place_row(before: list, after: list, shapes: list[str] | None = None) -> dict:
-    """Medians of how far each edited object moved from its source object."""
-    row = {
-        "median_iou": float(np.median([_iou(a.mask, b.mask) for a, b in zip(before, after)])) if after else None,
-        "median_box_iou": float(np.median([_box_iou(a.box, b.box) for a, b in zip(before, after)])) if after else None,
-        "median_centre_shift_px": float(np.median([_centre_shift(a.box, b.box) for a, b in zip(before, after)])) if after else None,
-    }
-    if shapes is not None:
-        row["median_in_place_iou_ceiling"] = float(np.median([_in_place_ceiling(a, s) for a, s in zip(before, shapes)])) if after else None
-    return row
+def _place_row(moved: list[tuple], with_ceiling: bool = False) -> dict:
+    """Medians of how far each edited object moved from its source object; `moved` holds (before, after, asked shape)."""
+    measures = {"median_iou": lambda a, b, _: _iou(a.mask, b.mask), "median_box_iou": lambda a, b, _: _box_iou(a.box, b.box),
+                "median_centre_shift_px": lambda a, b, _: _centre_shift(a.box, b.box)}
+    if with_ceiling:
+        measures["median_in_place_iou_ceiling"] = lambda a, _, shape: _in_place_ceiling(a, shape)
+    return {name: float(np.median([f(*m) for m in moved])) if moved else None for name, f in measures.items()}
 
 
 def _psnr_outside(a: np.ndarray, b: np.ndarray, masks: list[np.ndarray]) -> float:
@@ -107,7 +104,7 @@ def run_swaps(pipe, kind: str, seeds: int) -> dict:
     }
     rows = {}
     for name, options in variants.items():
-        present, exact, moved, psnrs, valid, began = [], [], ([], [], []), [], 0, time.time()
+        present, exact, moved, psnrs, valid, began = [], [], [], [], 0, time.time()
         for i, (source, target, thing, wanted) in enumerate(pairs(kind, seeds)):
             extra = options if isinstance(options, dict) else dict(blend=LocalBlend([thing[1]], [wanted[1]]))
             src_img, tgt_img = (np.rint(x * 255).astype(np.uint8) for x in prompt_to_prompt(pipe, [source, target], Swap(), seed=i, output_type="np", **extra).images)
@@ -118,15 +115,14 @@ def run_swaps(pipe, kind: str, seeds: int) -> dict:
             present.append(after is not None)
             exact.append(match_caption(tgt_img, target).exact)
             if after is not None:
-                for column, value in zip(moved, (before, after, wanted[1])):
-                    column.append(value)
+                moved.append((before, after, wanted[1]))
                 psnrs.append(_psnr_outside(src_img, tgt_img, [before.mask, after.mask]))
         rows[name] = {
             "pairs": seeds,
             "valid_sources": valid,
             "asked_object_present": float(np.mean(present)) if present else None,
             "target_exact": float(np.mean(exact)) if exact else None,
-            **_place_row(*moved[:2], moved[2] if kind == "shape" else None),
+            **_place_row(moved, with_ceiling=kind == "shape"),
             "median_background_psnr_db": float(np.median(psnrs)) if psnrs else None,
             "seconds": time.time() - began,
         }
@@ -135,7 +131,7 @@ def run_swaps(pipe, kind: str, seeds: int) -> dict:
 
 
 def run_refine(pipe, seeds: int) -> dict:
-    both, before, after, valid = [], [], [], 0
+    both, moved, valid = [], [], 0
     colours = list(COLOURS)
     for i in range(seeds):
         c, s = colours[i % 5], SHAPES[(i // 5) % 3]
@@ -148,10 +144,9 @@ def run_refine(pipe, seeds: int) -> dict:
         both.append(match_caption(tgt_img, target).exact)
         kept = _find(tgt_img, (c, s))
         if kept is not None:
-            before.append(_find(src_img, (c, s)))
-            after.append(kept)
+            moved.append((_find(src_img, (c, s)), kept, s))
     row = {"pairs": seeds, "valid_sources": valid, "target_exact": float(np.mean(both)) if both else None,
-           **{f"kept_object_{k}": v for k, v in _place_row(before, after).items()}}
+           **{f"kept_object_{k}": v for k, v in _place_row(moved).items()}}
     print("refine", row, flush=True)
     return row
 

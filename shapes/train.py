@@ -132,23 +132,23 @@ def word_positions(tokenizer: CLIPTokenizer, scene) -> list[tuple[int, int, int]
     causal, so the colour and shape words cannot see a place word that follows them: unless the
     place word's own attention lands on its object, the model cannot tie the place to it.
     """
-    ids = tokenizer(scene.caption).input_ids
-    words = [tokenizer.decode([i]).strip() for i in ids]
-    layout = scene.layout
-    positions, used = [], set()
+    words = [tokenizer.decode([i]).strip() for i in tokenizer(scene.caption).input_ids]
+    used: set[int] = set()
+
+    def claim(word: str, after: int) -> int:
+        """The first index past `after` that holds `word` and no earlier object claimed."""
+        index = next(i for i, w in enumerate(words) if w == word and i > after and i not in used)
+        used.add(index)
+        return index
+
+    layout, positions = scene.layout, []
     for k, thing in enumerate(layout.things):
-        colour = next(i for i, w in enumerate(words) if w == thing.colour and i not in used)
-        shape = next(i for i, w in enumerate(words) if w == thing.shape and i > colour and i not in used)
-        used.update((colour, shape))
-        found = [colour, shape]
+        colour = claim(thing.colour, -1)
+        shape = claim(thing.shape, colour)
         place = layout.place[k]
         if place is None and layout.relation is not None and layout.relation[0] == k:
             place = layout.relation[1]
-        index = -1
-        if place is not None:
-            index = next(i for i, w in enumerate(words) if w == place and i > found[1] and i not in used)
-            used.add(index)
-        positions.append((*found, index))
+        positions.append((colour, shape, -1 if place is None else claim(place, shape)))
     return positions
 
 
@@ -176,8 +176,8 @@ def build_dataset(settings: Settings, work: Path, vae, tokenizer: CLIPTokenizer)
             for k, (obj, found) in enumerate(zip(scene.objects, word_positions(tokenizer, scene))):
                 full = torch.from_numpy(obj.mask.astype(np.float32))[None, None]
                 masks[i, k] = F.max_pool2d(full, factor)[0, 0]
-                words[i, k] = torch.tensor(found).clamp_min(0)
-                valid[i, k] = torch.tensor(found) >= 0
+                found = torch.tensor(found)
+                words[i, k], valid[i, k] = found.clamp_min(0), found >= 0
     data = {"latents": latents, "ids": ids, "masks": masks, "words": words, "valid": valid}
     save_atomic(data, path)
     return data

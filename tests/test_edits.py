@@ -131,5 +131,3 @@ def test_identity_swap_gives_the_target_the_source_attention():
     out = fused_outputs([swap(torch.eye(5))], query, key, value)
     assert torch.allclose(out[0], F.scaled_dot_product_attention(query[0], key[0], value[0]), atol=1e-6)
     assert torch.allclose(out[1], F.scaled_dot_product_attention(query[0], key[0], value[1]), atol=1e-6)
-
-
