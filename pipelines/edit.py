@@ -11,6 +11,7 @@ same seed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,9 @@ from editors.blend import LocalBlend, blend_latents, user_region
 from editors.p2p import BlendTokens, PromptToPrompt
 from editors.schedules import Window, token_schedule, window, word_windows
 from editors.specs import Refine, Reweight, Swap, auto_edit
+from pipelines.ddim import ddim_sampling
 from pipelines.generate import check_size
+from pipelines.inversion import Inversion
 from xattn.attach import attach
 from xattn.tokens import pipeline_word_tokens, word_tokens
 
@@ -76,6 +79,7 @@ def prompt_to_prompt(
     size: int | None = None,
     output_type: str = "pil",
     explicit: bool = False,
+    inversion: Inversion | None = None,
 ) -> EditResult:
     """Generate prompts[0] (the source) and edit it into prompts[1:] (the targets).
 
@@ -84,11 +88,15 @@ def prompt_to_prompt(
     {word: window, "default": window}) in which targets take the source's cross-attention.
     self_steps: the window in which they take its self-attention, at query grids up to
     self_resolution (default: a quarter of the latent side, the paper's 16 at 512 px).
+    inversion: edit a real image (`pipelines.inversion.invert`) instead of generating the source;
+    prompts[0] must be its caption, and sampling is DDIM from its inverted latent (seed unused).
     """
     prompts = list(prompts)
     if len(prompts) < 2:
         raise ValueError("Prompt-to-Prompt needs a source prompt and at least one target prompt")
-    side = check_size(pipe, size)
+    side = check_size(pipe, size if size is not None or inversion is None else inversion.side)
+    if inversion is not None:
+        inversion.check_prompts(prompts, steps, guidance, side)
     latent = (side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
     tokenizer = pipe.tokenizer
     targets = prompts[1:]
@@ -115,15 +123,20 @@ def prompt_to_prompt(
 
     fixed_region = user_region(blend.mask, latent) if blend is not None and blend.mask is not None else None
 
-    def keep_source_outside(pipeline, step: int, timestep, kwargs):
-        if step < blend_start:
-            return kwargs
-        region = fixed_region if fixed_region is not None else controller.blend_region(latent, blend.threshold, blend.subtract_threshold)
-        return {"latents": blend_latents(kwargs["latents"], region.to(kwargs["latents"].device))}
+    def on_step_end(pipeline, step: int, timestep, tensors):
+        changed = inversion.on_step_end(step, tensors) if inversion is not None else {}
+        if blend is not None and step >= blend_start:
+            latents = changed.get("latents", tensors["latents"])
+            region = fixed_region if fixed_region is not None else controller.blend_region(latent, blend.threshold, blend.subtract_threshold)
+            changed["latents"] = blend_latents(latents, region.to(latents.device))
+        return changed
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    start = randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=generator, dtype=pipe.unet.dtype)
-    with attach(pipe, controller):
+    if inversion is None:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        start, inputs = randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=generator, dtype=pipe.unet.dtype), {}
+    else:
+        start, inputs = inversion.start.to(pipe.unet.dtype), inversion.pipeline_inputs(pipe, len(prompts))
+    with attach(pipe, controller), ddim_sampling(pipe) if inversion is not None else nullcontext():
         images = pipe(
             prompts,
             num_inference_steps=steps,
@@ -132,8 +145,9 @@ def prompt_to_prompt(
             width=side,
             latents=start.expand(len(prompts), -1, -1, -1).clone(),
             output_type=output_type,
-            callback_on_step_end=keep_source_outside if blend is not None else None,
-            callback_on_step_end_tensor_inputs=["latents"],
+            callback_on_step_end=on_step_end if blend is not None or inversion is not None else None,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+            **inputs,
         ).images
     return EditResult(list(images), prompts, edits)
 

@@ -28,6 +28,7 @@ SCHEDULE = dict(
     timestep_spacing="trailing",
     clip_sample=False,
     set_alpha_to_one=False,
+    steps_offset=1,  # unused by trailing spacing; StableDiffusionPipeline warns about any other value
     prediction_type="v_prediction",
 )
 

@@ -7,7 +7,7 @@ caption, the picture drawn for it and the ground truth used to score a model nev
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -101,6 +101,13 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"^{_THING} (to the left of|to the right of|above|below) {_THING}$"), "pair-relation"),
     (re.compile(rf"^{_THING} (?:on|at) the (left|right|top|bottom)$"), "one-place"),
 ]
+
+
+def swap_first_shape(layout: Layout) -> Layout:
+    """The layout with its first object turned into the next shape (circle, square, triangle, circle): a word swap's target."""
+    first = layout.things[0]
+    turned = Thing(first.colour, SHAPES[(SHAPES.index(first.shape) + 1) % len(SHAPES)])
+    return replace(layout, things=(turned, *layout.things[1:]))
 
 
 def parse_caption(caption: str) -> Layout:

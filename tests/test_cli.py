@@ -37,7 +37,8 @@ def test_demo_writes_images_and_an_index(tmp_path):
         assert png.exists() and png.relative_to(tmp_path).as_posix() in index
     assert index.count("judge:") == 4 and (tmp_path / "maps" / "maps.npz").exists()
     edits = sorted((tmp_path / "edit").glob("*.png"))
-    assert len(edits) == 3 and index.count("judge on the edit") == 3 and "refine (added words)" in index
+    assert len(edits) == 3 and index.count("judge on the edit") == 4 and "refine (added words)" in index
+    assert len(list((tmp_path / "real").glob("*.png"))) == 1 and "inverted with direct" in index
 
 
 def test_maps_writes_overlays_grid_and_arrays(tmp_path):
@@ -71,3 +72,24 @@ def test_edit_explains_bad_input(tmp_path):
     assert blend.returncode == 2 and "blend word 'triangle' is in neither" in blend.stderr
     steps = xattn("edit", "a red circle", "a red square", "--cross-steps", "0.2,0.9,1", "--out", str(tmp_path))
     assert steps.returncode == 2 and "is not a schedule" in steps.stderr
+
+
+def test_invert_and_edit_a_real_image(tmp_path):
+    from shapes.scenes import make_scene
+
+    scene = make_scene(7_000_002)  # "a blue circle above a yellow circle", drawn at 96 px to be fitted
+    photo = tmp_path / "photo.png"
+    Image.fromarray(scene.image).resize((96, 96), Image.Resampling.NEAREST).save(photo)
+    cache = tmp_path / "cache"
+    inverted = xattn("invert", scene.caption, "--image", str(photo), "--steps", "5", "--cache", str(cache), "--out", str(tmp_path / "inv"))
+    assert inverted.returncode == 0, inverted.stderr
+    assert "resized 96x96 to the model's 64x64" in inverted.stderr and "inverted" in inverted.stderr and "with direct" in inverted.stderr
+    psnr = float(inverted.stdout.split("reconstruction PSNR: ")[1].split()[0])
+    assert psnr > 25 and Image.open(tmp_path / "inv" / "reconstruction.png").text["psnr_db"] == f"{psnr:.2f}"
+    target = scene.caption.replace("blue circle", "blue square")
+    edited = xattn("edit", "--image", str(photo), scene.caption, target, "--steps", "5", "--cache", str(cache), "--out", str(tmp_path / "edit"))
+    assert edited.returncode == 0, edited.stderr
+    assert "from the cache" in edited.stderr
+    assert Image.open(tmp_path / "edit" / "side-by-side.png").size[0] == 3 * Image.open(tmp_path / "edit" / "target.png").size[0] * 4
+    missing = xattn("invert", "a red circle", "--image", str(tmp_path / "nope.png"), "--out", str(tmp_path))
+    assert missing.returncode == 2 and "no image file at" in missing.stderr and "Traceback" not in missing.stderr

@@ -11,6 +11,7 @@ from shapes.scenes import (
     make_scene,
     parse_caption,
     shape_mask,
+    swap_first_shape,
 )
 
 SCENES = [make_scene(seed) for seed in range(400)]
@@ -99,3 +100,9 @@ def test_shape_areas_match_geometry():
     assert area["circle"] == pytest.approx(np.pi * half**2, rel=0.01)
     assert area["square"] == pytest.approx(4 * half**2, rel=0.01)
     assert area["triangle"] == pytest.approx(2 * half**2, rel=0.01)
+
+
+def test_swap_first_shape_turns_only_the_first_object():
+    layout = parse_caption("a blue triangle above a red circle")
+    assert caption_of(swap_first_shape(layout)) == "a blue circle above a red circle"
+    assert caption_of(swap_first_shape(parse_caption("a green circle on the left"))) == "a green square on the left"

@@ -17,6 +17,14 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 turns it off)")
 
 
+def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
+    from pipelines.inversion import METHODS
+    from pipelines.inversion_cache import DEFAULT_CACHE
+
+    parser.add_argument("--inversion", default="direct", choices=METHODS, help="how a real image is inverted (default: direct)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder of cached inversions, keyed by image, caption, model and settings")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from pipelines.generate import generate_to_files
     from pipelines.loading import load_pipeline, model_label
@@ -56,17 +64,48 @@ def cmd_edit(args: argparse.Namespace) -> None:
     edit = choose_edit(pipe.tokenizer, args.source, args.target, args.mode, weights)
     print(f"edit: {describe(edit)}", file=sys.stderr)
     blend = blend_for(pipe.tokenizer, args.source, args.target, args.blend) if args.blend else None
+    inversion = _invert(pipe, args, args.source) if args.image else None
     result = prompt_to_prompt(pipe, [args.source, args.target], edit, cross_steps=parse_window(args.cross_steps),
                               self_steps=parse_window(args.self_steps), blend=blend, steps=args.steps,
-                              guidance=args.guidance, seed=args.seed)
+                              guidance=args.guidance, seed=args.seed, inversion=inversion)
     meta = {"source": args.source, "target": args.target, "edit": describe(edit), "cross_steps": args.cross_steps,
             "self_steps": args.self_steps, "blend": ",".join(args.blend or []), "seed": args.seed, "steps": args.steps,
             "guidance": args.guidance, "model": model_label(args.model)}
+    if inversion is not None:
+        meta |= {"image": args.image, "inversion": args.inversion}
     out = Path(args.out)
     source, target = result.images
-    sheet = grid([source, target], ["source", "target"], columns=2, scale=max(1, 256 // source.size[0]))
+    shown = ([inversion.image], ["input"]) if inversion is not None else ([], [])
+    sheet = grid([*shown[0], source, target], [*shown[1], "source", "target"], columns=3, scale=max(1, 256 // source.size[0]))
     for name, image in (("source.png", source), ("target.png", target), ("side-by-side.png", sheet)):
         print(save_png(image, out / name, meta))
+
+
+def _invert(pipe, args: argparse.Namespace, caption: str):
+    from pipelines.inversion import invert
+
+    inversion = invert(pipe, args.image, caption, method=args.inversion, steps=args.steps, guidance=args.guidance, cache_dir=args.cache)
+    took = f"{inversion.seconds:.1f} s" if inversion.seconds else "from the cache"
+    print(f"inverted {args.image} with {args.inversion} ({took})", file=sys.stderr)
+    return inversion
+
+
+def cmd_invert(args: argparse.Namespace) -> None:
+    from pipelines.generate import save_png
+    from pipelines.images import psnr
+    from pipelines.inversion import reconstruct
+    from pipelines.loading import load_pipeline, model_label
+
+    pipe = load_pipeline(args.model)
+    inversion = _invert(pipe, args, args.caption)
+    redrawn = reconstruct(pipe, inversion)
+    score = psnr(redrawn, inversion.image)
+    meta = {"image": args.image, "caption": args.caption, "inversion": args.inversion, "steps": args.steps,
+            "guidance": args.guidance, "model": model_label(args.model), "psnr_db": f"{score:.2f}"}
+    out = Path(args.out)
+    print(save_png(inversion.image, out / "input.png", meta))
+    print(save_png(redrawn, out / "reconstruction.png", meta))
+    print(f"reconstruction PSNR: {score:.2f} dB")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -105,8 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--cross-steps", default="0.8", help="cross-attention injection: fraction, step count, or start,end")
     edit.add_argument("--self-steps", default="0.4", help="self-attention injection: fraction, step count, or start,end")
     _add_generation_options(edit)
+    edit.add_argument("--image", help="edit this real image instead of generating SOURCE, which is then its caption")
+    _add_inversion_options(edit)
     edit.add_argument("--out", default="outputs/edit", help="folder for source.png, target.png and side-by-side.png")
     edit.set_defaults(run=cmd_edit)
+
+    invert = commands.add_parser("invert", help="invert a real image and redraw it: reconstruction.png and its PSNR")
+    invert.add_argument("caption", help="what the image shows, in the model's words")
+    invert.add_argument("--image", required=True, help="the image file (any size and mode; fitted to the model's size)")
+    _add_generation_options(invert)
+    _add_inversion_options(invert)
+    invert.add_argument("--out", default="outputs/invert", help="folder for input.png and reconstruction.png")
+    invert.set_defaults(run=cmd_invert)
 
     demo = commands.add_parser("demo", help="the main job on the embedded model: PNGs and an index page")
     demo.add_argument("--out", default="outputs/demo")

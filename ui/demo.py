@@ -1,7 +1,7 @@
 """`xattn demo`: the main job on the embedded model, written as PNGs and an index page.
 
 Each capability adds a section: plain generation (each image with the judge's reading),
-per-word attention maps, Prompt-to-Prompt edits.
+per-word attention maps, Prompt-to-Prompt edits, editing a real image through inversion.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from editors import auto_edit
+from editors import Swap, auto_edit
 from pipelines.edit import describe, prompt_to_prompt
 from pipelines.generate import GenerationSettings, generate_to_files, save_png, slug
+from pipelines.images import psnr
+from pipelines.inversion import invert
 from pipelines.loading import load_pipeline
 from pipelines.maps import generate_with_maps, write_maps
 from shapes import match_caption
+from shapes.scenes import caption_of, make_scene, swap_first_shape
 from xattn.heatmap import grid
 
 DEMO_PROMPTS = (
@@ -75,6 +78,23 @@ def edit_section(pipe, out: Path, seed: int) -> list[Entry]:
     return entries
 
 
+REAL_IMAGE_SEED = 7_000_002  # a rendered scene the model never trained on: "a blue circle above a yellow circle"
+
+
+def real_image_section(pipe, out: Path) -> list[Entry]:
+    """A rendered scene treated as a photo: inverted (direct), redrawn, and its first shape swapped."""
+    scene = make_scene(REAL_IMAGE_SEED)
+    target = caption_of(swap_first_shape(scene.layout))
+    inversion = invert(pipe, scene.image, scene.caption, cache_dir=None)
+    source, edited = prompt_to_prompt(pipe, [scene.caption, target], Swap(), inversion=inversion).images
+    sheet = grid([inversion.image, source, edited], ["input", "redrawn", "edited"], columns=3, scale=2)
+    path = save_png(sheet, out / f"{slug(target)}.png", {"caption": scene.caption, "target": target, "inversion": inversion.method})
+    verdict = match_caption(np.asarray(edited.convert("RGB")), target)
+    note = (f"inverted with {inversion.method}, redrawn at {psnr(source, inversion.image):.1f} dB; "
+            f"judge on the edit: {'match' if verdict.ok else 'no match'}")
+    return [Entry(f"{scene.caption} -> {target}", path, note)]
+
+
 def write_index(out: Path, sections: dict[str, list[Entry]]) -> Path:
     parts = ["<!doctype html><meta charset='utf-8'><title>xattn demo</title>",
              "<style>body{font-family:sans-serif} figure{display:inline-block;margin:8px} img{height:192px;image-rendering:pixelated}</style>",
@@ -99,5 +119,6 @@ def run_demo(out: Path, seed: int = 0) -> Path:
         "Generation": generation_section(pipe, out / "generate", seed),
         "Attention maps": maps_section(pipe, out / "maps", seed),
         "Prompt-to-Prompt": edit_section(pipe, out / "edit", seed),
+        "Real image": real_image_section(pipe, out / "real"),
     }
     return write_index(out, sections)

@@ -1,0 +1,71 @@
+"""Deterministic DDIM as one linear step, forward and inverted.
+
+A DDIM step (eta 0) from noise level a to level b is linear in the latent and the model's
+output: x_b = c_x * x_a + c_out * out. Running it backwards (inversion) solves the same line for
+x_a, with the model evaluated on x_b instead of x_a: the approximation every DDIM inversion makes
+(google's `next_step` for epsilon models). Written per prediction type, so v-prediction models
+(SD 2.x 768, the embedded model) invert with the same function as epsilon models, including a
+last level of zero signal (zero-terminal-SNR schedules), where the epsilon form would divide by 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from diffusers import DDIMScheduler, DiffusionPipeline
+
+
+def ddim_coefficients(alpha_from: float, alpha_to: float, prediction: str) -> tuple[float, float]:
+    """(c_x, c_out) with x_to = c_x * x_from + c_out * out; alphas are cumulative products (alpha-bar)."""
+    a_f, s_f = math.sqrt(alpha_from), math.sqrt(1 - alpha_from)
+    a_t, s_t = math.sqrt(alpha_to), math.sqrt(1 - alpha_to)
+    if prediction == "epsilon":  # x0 = (x - s_f eps) / a_f
+        return a_t / a_f, s_t - a_t * s_f / a_f
+    if prediction == "v_prediction":  # x0 = a_f x - s_f v, eps = s_f x + a_f v
+        return a_t * a_f + s_t * s_f, s_t * a_f - a_t * s_f
+    if prediction == "sample":  # x0 = out, eps = (x - a_f out) / s_f
+        return s_t / s_f, a_t - s_t * a_f / s_f
+    raise ValueError(f"unknown prediction type {prediction!r}; expected epsilon, v_prediction or sample")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One denoising step: the model's timestep, the alpha-bar it starts from and the one it lands on."""
+
+    timestep: int
+    alpha: float
+    alpha_next: float
+
+
+def ddim_levels(scheduler: DDIMScheduler, steps: int) -> list[Level]:
+    """The denoising steps of `scheduler` for `steps` steps, in sampling order (noisiest first), as DDIMScheduler.step takes them."""
+    scheduler.set_timesteps(steps)
+    stride = scheduler.config.num_train_timesteps // steps
+    levels = []
+    for t in scheduler.timesteps.tolist():
+        after = t - stride
+        alpha_next = scheduler.alphas_cumprod[after] if after >= 0 else scheduler.final_alpha_cumprod
+        levels.append(Level(int(t), float(scheduler.alphas_cumprod[t]), float(alpha_next)))
+    return levels
+
+
+def ddim_from(scheduler) -> DDIMScheduler:
+    """The scheduler itself when it is DDIM, else DDIM built from its config (same betas, spacing, prediction type)."""
+    return scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
+
+
+@contextmanager
+def ddim_sampling(pipe: DiffusionPipeline) -> Iterator[DDIMScheduler]:
+    """The pipeline samples with deterministic DDIM inside the block; its own scheduler comes back on exit.
+
+    Inverted latents redraw their image only under the sampler they were inverted for.
+    """
+    original = pipe.scheduler
+    pipe.scheduler = ddim_from(original)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = original

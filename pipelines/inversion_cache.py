@@ -1,0 +1,65 @@
+"""A disk cache of inversions keyed by everything they depend on: image content, caption, model weights, settings.
+
+The diffusers community pipeline keys its cache by file name and hands back a stale inversion
+when the caption changes; here any change to the pixels, the caption, any weight of the model or
+any setting gives another key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+DEFAULT_CACHE = Path(os.environ.get("XATTN_CACHE", "~/.cache/xattn")).expanduser() / "inversions"
+
+
+def model_fingerprint(pipe: DiffusionPipeline) -> str:
+    """A digest of every weight of the pipeline's UNet, text encoders and VAE (a float64 sum and a strided sample per tensor).
+
+    Weights changed in place (an erasure loaded, a LoRA fused) change it; a path does not name weights.
+    """
+    digest = hashlib.sha256()
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        for key, tensor in module.state_dict().items():
+            flat = tensor.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 16)].float().cpu().numpy()
+            total = torch.sum(flat, dtype=torch.float64).item() if flat.is_floating_point() else int(flat.sum())
+            digest.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}:{total!r}".encode())
+            digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def inversion_key(image: Image.Image, caption: str, fingerprint: str, settings: dict) -> str:
+    digest = hashlib.sha256(np.asarray(image.convert("RGB"), dtype=np.uint8).tobytes())
+    digest.update(json.dumps({"caption": caption, "model": fingerprint, **settings}, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+class InversionCache:
+    """One safetensors file per key in `folder`, written atomically."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.folder / f"{key}.safetensors"
+        return load_file(str(path)) if path.exists() else None
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{key}.safetensors"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+        return path
