@@ -28,7 +28,7 @@ class Controller:
 
 def explicit_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """softmax(Q K^T * scale + mask) in float32, shape (rows, heads, queries, keys)."""
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    scores = (query.float() * scale) @ key.float().transpose(-1, -2)  # scaling the queries: fewer elements than the scores
     if mask is not None:
         scores = scores + mask.float()
     return scores.softmax(-1)
