@@ -75,8 +75,11 @@ def cmd_edit(args: argparse.Namespace) -> None:
         meta |= {"image": args.image, "inversion": args.inversion}
     out = Path(args.out)
     source, target = result.images
-    shown = ([inversion.image], ["input"]) if inversion is not None else ([], [])
-    sheet = grid([*shown[0], source, target], [*shown[1], "source", "target"], columns=3, scale=max(1, 256 // source.size[0]))
+    if inversion is None:
+        shown, labels = [source, target], ["source", "target"]
+    else:
+        shown, labels = [inversion.image, source, target], ["input", "redrawn", "target"]
+    sheet = grid(shown, labels, columns=3, scale=max(1, 256 // source.size[0]))
     for name, image in (("source.png", source), ("target.png", target), ("side-by-side.png", sheet)):
         print(save_png(image, out / name, meta))
 
