@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
+from benchmarks.p2p_quality import find_object, psnr_outside
 from editors import LocalBlend, Swap
 from pipelines.edit import prompt_to_prompt
 from pipelines.images import image_to_latent, latent_to_image, psnr
 from pipelines.inversion import METHODS, invert, reconstruct
 from pipelines.loading import load_pipeline
-from shapes import match_caption, read_objects
+from shapes import match_caption
 from shapes.scenes import caption_of, make_scene, swap_first_shape
 
 FIRST_SEED = 7_000_000
@@ -53,10 +53,6 @@ def swap_target(scene) -> tuple[str, tuple[str, str], tuple[str, str]]:
     return caption_of(swap_first_shape(scene.layout)), (old.colour, old.shape), (new.colour, new.shape)
 
 
-def _find(image: np.ndarray, thing: tuple[str, str]):
-    return next((o for o in read_objects(image) if (o.colour, o.shape) == thing), None)
-
-
 def run_method(pipe, method: str, images: list) -> dict:
     recon, seconds, rows = [], [], {"swap": [], "swap + local blend": []}
     for scene in images:
@@ -66,10 +62,10 @@ def run_method(pipe, method: str, images: list) -> dict:
         target, old, new = swap_target(scene)
         for name, blend in (("swap", None), ("swap + local blend", LocalBlend([old[1]], [new[1]]))):
             edited = np.asarray(prompt_to_prompt(pipe, [scene.caption, target], Swap(), blend=blend, inversion=inversion).images[1])
-            after = _find(edited, new)
+            after = find_object(edited, new)
             before = next(o.mask for o, t in zip(scene.objects, scene.layout.things) if (t.colour, t.shape) == old)
-            changed = ndimage.binary_dilation(before | (after.mask if after is not None else False), iterations=2)
-            rows[name].append((match_caption(edited, target).exact, after is not None, psnr(edited, scene.image, ~changed)))
+            changed = [before] if after is None else [before, after.mask]
+            rows[name].append((match_caption(edited, target).exact, after is not None, psnr_outside(edited, scene.image, changed)))
     result = {"median_reconstruction_psnr_db": float(np.median(recon)), "median_seconds_to_invert": float(np.median(seconds))}
     for name, measured in rows.items():
         exact, present, background = zip(*measured)

@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from editors import LocalBlend, Refine, Reweight, Swap
 from pipelines.edit import prompt_to_prompt
+from pipelines.images import psnr
 from pipelines.loading import load_pipeline
 from shapes import COLOURS, SHAPES, match_caption, read_objects
 from shapes.scenes import IMAGE_SIZE, shape_mask
@@ -52,7 +53,8 @@ def pairs(kind: str, count: int) -> list[tuple[str, str, tuple[str, str], tuple[
     return out
 
 
-def _find(image: np.ndarray, thing: tuple[str, str]):
+def find_object(image: np.ndarray, thing: tuple[str, str]):
+    """The first object the judge reads in `image` with this (colour, shape), or None."""
     return next((o for o in read_objects(image) if (o.colour, o.shape) == thing), None)
 
 
@@ -90,10 +92,9 @@ def _place_row(moved: list[tuple], with_ceiling: bool = False) -> dict:
     return {name: float(np.median([f(*m) for m in moved])) if moved else None for name, f in measures.items()}
 
 
-def _psnr_outside(a: np.ndarray, b: np.ndarray, masks: list[np.ndarray]) -> float:
-    inside = ndimage.binary_dilation(np.any(masks, axis=0), iterations=2)
-    err = ((a.astype(np.float64) - b.astype(np.float64))[~inside] ** 2).mean()
-    return float("inf") if err == 0 else float(10 * np.log10(255.0**2 / err))
+def psnr_outside(a: np.ndarray, b: np.ndarray, masks: list[np.ndarray]) -> float:
+    """PSNR of two images outside the union of `masks`, dilated 2 px."""
+    return psnr(a, b, ~ndimage.binary_dilation(np.any(masks, axis=0), iterations=2))
 
 
 def run_swaps(pipe, kind: str, seeds: int) -> dict:
@@ -111,12 +112,12 @@ def run_swaps(pipe, kind: str, seeds: int) -> dict:
             if not match_caption(src_img, source).exact:
                 continue
             valid += 1
-            before, after = _find(src_img, thing), _find(tgt_img, wanted)
+            before, after = find_object(src_img, thing), find_object(tgt_img, wanted)
             present.append(after is not None)
             exact.append(match_caption(tgt_img, target).exact)
             if after is not None:
                 moved.append((before, after, wanted[1]))
-                psnrs.append(_psnr_outside(src_img, tgt_img, [before.mask, after.mask]))
+                psnrs.append(psnr_outside(src_img, tgt_img, [before.mask, after.mask]))
         rows[name] = {
             "pairs": seeds,
             "valid_sources": valid,
@@ -142,9 +143,9 @@ def run_refine(pipe, seeds: int) -> dict:
             continue
         valid += 1
         both.append(match_caption(tgt_img, target).exact)
-        kept = _find(tgt_img, (c, s))
+        kept = find_object(tgt_img, (c, s))
         if kept is not None:
-            moved.append((_find(src_img, (c, s)), kept, s))
+            moved.append((find_object(src_img, (c, s)), kept, s))
     row = {"pairs": seeds, "valid_sources": valid, "target_exact": float(np.mean(both)) if both else None,
            **{f"kept_object_{k}": v for k, v in _place_row(moved).items()}}
     print("refine", row, flush=True)
