@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.loading import load_pipeline
+
 
 def time_interleaved(modes: dict[str, Callable[[], object]], reps: int) -> dict:
     """Each mode once to warm up, then `reps` rounds of every mode; medians, minima and ratios to the first mode.
@@ -61,3 +63,15 @@ def fresh_process_peaks(module: str, modes: list[str], args: list[str]) -> dict[
         out = subprocess.run([sys.executable, "-m", module, "--peak-of", mode, *args], capture_output=True, text=True, check=True)
         result[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     return result
+
+
+def speed_pipe(model: str):
+    """The pipeline a speed benchmark runs: the embedded model, or a test architecture by name (random weights)."""
+    if model == "embedded":
+        pipe = load_pipeline()
+    else:
+        from tests.architectures import ARCHITECTURES
+
+        pipe = ARCHITECTURES[model]()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -19,28 +19,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import fresh_process_peaks, print_peak, time_interleaved
+from benchmarks.harness import fresh_process_peaks, print_peak, speed_pipe, time_interleaved
 from editors import LocalBlend, Swap
 from pipelines.edit import prompt_to_prompt
-from pipelines.loading import load_pipeline
 
 PROMPTS = ["a red circle and a blue square", "a red circle and a green square"]
 MODES = ("stock", "swap", "swap+blend", "explicit")
 
 
-def _pipe(model: str):
-    if model == "embedded":
-        pipe = load_pipeline()
-    else:
-        from tests.architectures import ARCHITECTURES
-
-        pipe = ARCHITECTURES[model]()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _modes(model: str) -> dict:
-    pipe = _pipe(model)
+    pipe = speed_pipe(model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     latent = torch.randn((1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size), generator=torch.Generator().manual_seed(0))
     common = dict(steps=25, guidance=5.0, output_type="np")

@@ -24,6 +24,10 @@ class TextConditioning:
         """The first row repeated `count` times."""
         return TextConditioning(*(None if x is None else x[:1].expand(count, *x.shape[1:]) for x in (self.embeds, self.pooled, self.time_ids)))
 
+    def take(self, rows: list[int]) -> TextConditioning:
+        """These rows only."""
+        return TextConditioning(*(None if x is None else x[rows] for x in (self.embeds, self.pooled, self.time_ids)))
+
     def with_embeds(self, embeds: torch.Tensor) -> TextConditioning:
         return TextConditioning(embeds, self.pooled, self.time_ids)
 

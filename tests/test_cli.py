@@ -35,10 +35,12 @@ def test_demo_writes_images_and_an_index(tmp_path):
     assert len(generated) == 4
     for png in [*generated, tmp_path / "maps" / "grid.png"]:
         assert png.exists() and png.relative_to(tmp_path).as_posix() in index
-    assert index.count("judge:") == 4 and (tmp_path / "maps" / "maps.npz").exists()
+    assert index.count("judge:") == 4 + 3 and (tmp_path / "maps" / "maps.npz").exists()
     edits = sorted((tmp_path / "edit").glob("*.png"))
     assert len(edits) == 3 and index.count("judge on the edit") == 4 and "refine (added words)" in index
     assert len(list((tmp_path / "real").glob("*.png"))) == 1 and "inverted with direct" in index
+    assert sorted(p.name for p in (tmp_path / "compose").glob("*.png")) == ["astar.png", "attend-excite.png", "none.png"]
+    assert "astar: a blue circle, a red triangle and a green square" in index
 
 
 def test_maps_writes_overlays_grid_and_arrays(tmp_path):
@@ -52,6 +54,23 @@ def test_maps_writes_overlays_grid_and_arrays(tmp_path):
     assert sorted(np.load(tmp_path / "all" / "maps.npz").files) == ["a", "circle", "red"]
     missing = xattn("maps", "a red circle", "--words", "square", "--steps", "2", "--out", str(tmp_path / "bad"))
     assert missing.returncode == 2 and "'square' is not a word of the prompt" in missing.stderr and "its words are: a, red, circle" in missing.stderr
+
+
+def test_compose_writes_the_image_and_the_concepts_maps(tmp_path):
+    result = xattn("compose", "a red circle and a blue square", "--concepts", "circle,square", "--steps", "4", "--seed", "2",
+                   "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-circle.png", "01-square.png", "grid.png", "image.png", "maps.npz"]
+    maps = np.load(tmp_path / "maps.npz")
+    assert sorted(maps.files) == ["circle", "square"] and maps["circle"].shape == (64, 64) and maps["circle"].max() == 1.0
+    image = Image.open(tmp_path / "image.png")
+    assert image.text["method"] == "astar" and image.text["concepts"] == "circle,square" and image.text["seed"] == "2"
+    several = xattn("compose", "a red circle and a blue square", "--concepts", "circle,square", "--method", "attend-excite",
+                    "--steps", "2", "--num", "2", "--out", str(tmp_path / "n"))
+    assert several.returncode == 0, several.stderr
+    assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["a-red-circle-and-a-blue-square-seed0", "a-red-circle-and-a-blue-square-seed1"]
+    missing = xattn("compose", "a red circle", "--concepts", "circle,square", "--steps", "2", "--out", str(tmp_path / "bad"))
+    assert missing.returncode == 2 and "'square' is not a word of the prompt" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_edit_writes_source_target_and_side_by_side_and_says_which_edit(tmp_path):

@@ -144,3 +144,12 @@ def test_layers_and_layouts():
     assert layout.cond(8) == slice(4, 8) and layout.cond(4) == slice(0, 4)
     assert BatchLayout(("p",), guidance=False).cond(1) == slice(0, 1)
     assert [layout.prompt_of_row(r) for r in range(4)] == ["p", "p", "q", "q"]
+
+
+def test_conditional_calls_treat_any_batch_as_conditional_rows():
+    state = xattn.CallState()
+    state.restart(BatchLayout(("p", "q", "r"), guidance=True))
+    assert state.layout.cond(2) == slice(1, 2)  # a 2-row call of a guided 3-prompt run reads as [uncond, cond]
+    with state.conditional_calls():
+        assert state.layout.cond(2) == slice(0, 2)
+    assert state.layout.cond(6) == slice(3, 6)

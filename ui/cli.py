@@ -111,6 +111,25 @@ def cmd_invert(args: argparse.Namespace) -> None:
     print(f"reconstruction PSNR: {score:.2f} dB")
 
 
+def cmd_compose(args: argparse.Namespace) -> None:
+    from pipelines.generate import slug
+    from pipelines.guidance import compose
+    from pipelines.loading import load_pipeline, model_label
+    from pipelines.maps import write_maps
+
+    concepts = [w.strip() for w in args.concepts.split(",") if w.strip()]
+    pipe = load_pipeline(args.model)
+    result = compose(pipe, args.prompt, concepts, method=args.method, num=args.num, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    out = Path(args.out)
+    for i, image in enumerate(result.images):
+        seed = args.seed + i
+        meta = {"prompt": args.prompt, "concepts": ",".join(concepts), "method": args.method, "seed": seed,
+                "steps": args.steps, "guidance": args.guidance, "model": model_label(args.model)}
+        folder = out if args.num == 1 else out / f"{slug(args.prompt)}-seed{seed}"
+        for path in write_maps(folder, image, result.maps(i, size=image.size[::-1]), meta):
+            print(path)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from ui.demo import run_demo
 
@@ -159,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inversion_options(invert)
     invert.add_argument("--out", default="outputs/invert", help="folder for input.png and reconstruction.png")
     invert.set_defaults(run=cmd_invert)
+
+    compose = commands.add_parser("compose", help="generate with attention-loss guidance (A-STAR, Attend-and-Excite) so every concept appears")
+    compose.add_argument("prompt")
+    compose.add_argument("--concepts", required=True, help="comma-separated words (or phrases) of the prompt, e.g. circle,square")
+    compose.add_argument("--method", default="astar", choices=["astar", "attend-excite", "none"],
+                         help="astar: segregation + retention losses; attend-excite: the neglected concept's peak; none: plain")
+    _add_generation_options(compose)
+    compose.add_argument("--num", type=int, default=1, help="how many images (one folder each when more than one)")
+    compose.add_argument("--out", default="outputs/compose", help="folder for image.png, each concept's overlay, grid.png and maps.npz")
+    compose.set_defaults(run=cmd_compose)
 
     demo = commands.add_parser("demo", help="the main job on the embedded model: PNGs and an index page")
     demo.add_argument("--out", default="outputs/demo")

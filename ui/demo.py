@@ -1,7 +1,8 @@
 """`xattn demo`: the main job on the embedded model, written as PNGs and an index page.
 
 Each capability adds a section: plain generation (each image with the judge's reading),
-per-word attention maps, Prompt-to-Prompt edits, editing a real image through inversion.
+per-word attention maps, Prompt-to-Prompt edits, editing a real image through inversion,
+composition with attention-loss guidance.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from PIL import Image
 from editors import Swap, auto_edit
 from pipelines.edit import describe, prompt_to_prompt
 from pipelines.generate import GenerationSettings, generate_to_files, save_png, slug
+from pipelines.guidance import compose
 from pipelines.images import psnr
 from pipelines.inversion import invert
 from pipelines.loading import load_pipeline
 from pipelines.maps import generate_with_maps, write_maps
 from shapes import match_caption
 from shapes.scenes import caption_of, make_scene, swap_first_shape
-from xattn.heatmap import grid
+from xattn.heatmap import grid, overlay
 
 DEMO_PROMPTS = (
     "a red circle and a blue square",
@@ -78,6 +80,25 @@ def edit_section(pipe, out: Path, seed: int) -> list[Entry]:
     return entries
 
 
+COMPOSITION = ("a blue circle, a red triangle and a green square", ["circle", "triangle", "square"])
+
+
+def composition_section(pipe, out: Path, seed: int) -> list[Entry]:
+    """One three-object prompt (where the unguided model fails most) from the same noise, per method."""
+    prompt, concepts = COMPOSITION
+    entries = []
+    for method in ("none", "attend-excite", "astar"):
+        result = compose(pipe, prompt, concepts, method=method, seed=seed)
+        image = result.images[0]
+        maps = result.maps(0, size=image.size[::-1])
+        sheet = grid([image, *(overlay(image, m) for m in maps.values())], [method, *maps], columns=4, scale=2)
+        path = save_png(sheet, out / f"{method}.png", {"prompt": prompt, "concepts": ",".join(concepts), "method": method, "seed": seed})
+        verdict = match_caption(np.asarray(image.convert("RGB")), prompt)
+        found = ", ".join(f"{o.colour} {o.shape or 'blob'}" for o in verdict.found) or "nothing"
+        entries.append(Entry(f"{method}: {prompt}", path, f"judge: {'match' if verdict.ok else 'no match'} (found {found}); maps of each concept"))
+    return entries
+
+
 REAL_IMAGE_SEED = 7_000_002  # a rendered scene the model never trained on: "a blue circle above a yellow circle"
 
 
@@ -120,5 +141,6 @@ def run_demo(out: Path, seed: int = 0) -> Path:
         "Attention maps": maps_section(pipe, out / "maps", seed),
         "Prompt-to-Prompt": edit_section(pipe, out / "edit", seed),
         "Real image": real_image_section(pipe, out / "real"),
+        "Composition (A-STAR, Attend-and-Excite)": composition_section(pipe, out / "compose", seed),
     }
     return write_index(out, sections)

@@ -1,6 +1,7 @@
 """xattn: record, visualise and rewrite cross-attention in diffusers text-to-image models."""
 
 from xattn.attach import CallState, attach
+from xattn.capture import MapCapture
 from xattn.controller import Controller, explicit_probs
 from xattn.sites import BatchLayout, Layer, Site
 from xattn.store import AttentionStore
@@ -15,6 +16,7 @@ __all__ = [
     "CallState",
     "Controller",
     "Layer",
+    "MapCapture",
     "Site",
     "Trace",
     "attach",

@@ -45,6 +45,17 @@ class CallState:
         self.step, self._timestep, self._fixed = -1, None, False
         self.layout = layout
 
+    @contextmanager
+    def conditional_calls(self) -> Iterator[None]:
+        """UNet calls inside the block run conditional rows only, whatever the pipeline's layout
+        (a guidance loss's extra pass, on any subset of the images)."""
+        layout = self.layout
+        self.layout = BatchLayout(layout.prompts, layout.images_per_prompt, guidance=False)
+        try:
+            yield
+        finally:
+            self.layout = layout
+
     def before_unet(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
