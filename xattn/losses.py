@@ -4,11 +4,11 @@ All functions are pure and batched: concept maps are (rows, concepts, h, w), one
 and every loss returns one value per row, so a batch's summed loss has, for each image's latent,
 the gradient of that image's own loss (images never share maps).
 
-Concept maps follow Attend-and-Excite's preprocessing: the cross-attention probabilities of the
-prompt's text tokens (start-of-text dropped) are sharpened by a softmax over tokens at
-temperature 1/100, each concept's map is the mean over its tokens, then smoothed with a 3x3
-Gaussian. The maps lie in [0, 1], which A-STAR's retention loss needs (its Eq. 3 saturates on
-maps normalised to sum to 1).
+Concept maps come in two kinds, both in [0, 1] as A-STAR's retention loss needs (its Eq. 3
+saturates on maps normalised to sum to 1): Attend-and-Excite's token shares (`token_shares`: per
+pixel, a softmax over the prompt's tokens at temperature 1/100), and each concept's own attention
+scaled to a peak of 1 (`token_attention`, then `peak_normalised`), which is low where the concept
+is absent. Either is smoothed with a 3x3 Gaussian (`smooth`) before a loss reads it.
 """
 
 from __future__ import annotations
