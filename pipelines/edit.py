@@ -26,6 +26,7 @@ from pipelines.ddim import ddim_sampling
 from pipelines.generate import check_size
 from pipelines.inversion import Inversion
 from xattn.attach import attach
+from xattn.sites import nearest_cross_side
 from xattn.tokens import pipeline_word_tokens, word_tokens
 
 Edit = Swap | Refine | Reweight
@@ -38,24 +39,11 @@ class EditResult:
     edits: list[Edit]
 
 
-def cross_resolutions(unet, latent: tuple[int, int]) -> list[int]:
-    """Sides of the query grids of the UNet's cross-attention layers at this latent size."""
-    sides, side = set(), max(latent)
-    for i, block in enumerate(unet.config.down_block_types):
-        if "CrossAttn" in block:
-            sides.add(side)
-        if i < len(unet.config.down_block_types) - 1:
-            side = (side + 1) // 2
-    if "CrossAttn" in (unet.config.mid_block_type or ""):
-        sides.add(side)
-    return sorted(sides)
-
-
 def _blend_tokens(pipe, prompts: list[str], spec: LocalBlend, latent: tuple[int, int]) -> BlendTokens:
     def tokens(prompt: str, words: Sequence[str]) -> tuple[int, ...]:
         return tuple(sorted({t for w in words for t in pipeline_word_tokens(pipe, prompt, w)}))
 
-    side = min(cross_resolutions(pipe.unet, latent), key=lambda s: (abs(s - spec.resolution), -s))
+    side = nearest_cross_side(pipe.unet, latent, spec.resolution)
     return BlendTokens(
         tokens(prompts[0], spec.source_words),
         tuple(tokens(p, spec.target_words) for p in prompts[1:]),

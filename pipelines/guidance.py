@@ -24,11 +24,11 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipelines.conditioning import TextConditioning, encode_text, unet_output
-from pipelines.edit import cross_resolutions
 from pipelines.generate import check_size
 from xattn import losses
 from xattn.attach import CallState, attach
 from xattn.capture import MapCapture
+from xattn.sites import nearest_cross_side
 from xattn.tokens import pipeline_word_tokens
 
 METHODS = ("astar", "attend-excite", "none")
@@ -190,19 +190,24 @@ class _Guide:
     def after_pass(self) -> None:
         """Take the maps of the pipeline's pass (after this step's update): output, and next step's retention masks."""
         probs = self.capture.take()
-        rows = list(range(len(self.tokens)))
-        self.step_maps.append(self.attention_maps(probs, self.tokens).float().cpu())
-        masks = losses.binary_masks(self.loss_maps(probs, rows), self.settings.mask_threshold)
+        shown = self.attention_maps(probs, self.tokens)
+        self.step_maps.append(shown.float().cpu())
+        if not self.settings.retention:
+            return
+        maps = shown if self.settings.maps == "peak" else self.share_maps(probs, list(range(len(self.tokens))))
+        masks = losses.binary_masks(maps, self.settings.mask_threshold)
         self.masks = masks if self.layout is None else torch.where(self.layout.isnan(), masks, self.layout.to(masks))
 
-    def evaluate(self, x: torch.Tensor, rows: list[int], timestep) -> tuple[torch.Tensor, torch.Tensor]:
-        """One guidance pass on these rows of the batch: (per-row loss in the autograd graph of x,
+    def evaluate(self, x: torch.Tensor, rows: list[int], timestep, attendance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One guidance pass on these rows of the batch: (per-row loss in the autograd graph of x, and when asked the
         per-row attendance: the weakest concept's smoothed token-share peak, A&E's refinement test)."""
         text = self.text.take(rows)
         model_input = self.pipe.scheduler.scale_model_input(x, timestep)
         with self.state.conditional_calls():
             probs = self.capture.run(lambda: unet_output(self.pipe, model_input, timestep, text))
         maps = self.loss_maps(probs, rows)
+        if not attendance:
+            return self.loss(maps, rows), None
         shares = maps if self.settings.maps == "tokens" else self.share_maps(probs.detach(), rows)
         return self.loss(maps, rows), losses.peaks(shares.detach()).amin(-1)
 
@@ -220,7 +225,7 @@ class _Guide:
         every = list(range(len(latents)))
         with torch.enable_grad():
             x = latents.detach().requires_grad_(True)
-            loss, attendance = self.evaluate(x, every, timestep)
+            loss, attendance = self.evaluate(x, every, timestep, threshold is not None)
             self.losses[step] = loss.detach().cpu()
             rows, sub, sub_loss, refined = every, x, loss, False
             for _ in range(self.settings.max_refinements if threshold is not None else 0):
@@ -231,12 +236,12 @@ class _Guide:
                 x = x.detach().index_copy(0, torch.tensor(rows, device=x.device), moved)
                 rows = [r for r, w in zip(rows, weak.tolist()) if w]
                 sub = x[rows].detach().requires_grad_(True)
-                sub_loss, attendance = self.evaluate(sub, rows, timestep)
+                sub_loss, attendance = self.evaluate(sub, rows, timestep, True)
                 refined = True
             if step < self.guided:
                 if refined:
                     x = x.detach().requires_grad_(True)
-                    loss, _ = self.evaluate(x, every, timestep)
+                    loss, _ = self.evaluate(x, every, timestep, False)
                 x = self._descend(x, loss, torch.full((len(x),), alpha, dtype=x.dtype))
         return x.detach()
 
@@ -333,7 +338,7 @@ def compose(
         text_ends = [len(pipe.tokenizer(p, truncation=True, max_length=limit).input_ids) - 1 for p in rows]
     else:
         text_ends = [limit - 1] * len(rows)
-    map_side = min(cross_resolutions(pipe.unet, latent), key=lambda s: (abs(s - settings.resolution), -s))
+    map_side = nearest_cross_side(pipe.unet, latent, settings.resolution)
     masks = None
     if layout:
         if not settings.retention:

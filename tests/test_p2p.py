@@ -9,9 +9,10 @@ import xattn
 from editors import LocalBlend, PromptToPrompt, Refine, Reweight, Swap
 from editors.blend import blend_latents, region, user_region
 from editors.edits import swap
-from pipelines.edit import cross_resolutions, prompt_to_prompt
+from pipelines.edit import prompt_to_prompt
 from pipelines.loading import load_pipeline
 from tests.architectures import ARCHITECTURES
+from xattn.sites import cross_resolutions
 
 SWAP = ["a red circle and a blue square", "a red circle and a green square"]
 CASES = {

@@ -42,14 +42,19 @@ class Entry:
     note: str
 
 
+def judged(image, prompt: str) -> str:
+    """The judge's reading of an image against its prompt, for a caption."""
+    verdict = match_caption(np.asarray(image.convert("RGB")), prompt)
+    found = ", ".join(f"{o.colour} {o.shape or 'blob'}" for o in verdict.found) or "nothing"
+    return f"judge: {'match' if verdict.ok else 'no match'} (found {found})"
+
+
 def generation_section(pipe, out: Path, seed: int) -> list[Entry]:
     entries = []
     for prompt in DEMO_PROMPTS:
         settings = GenerationSettings(prompt, seed=seed)
         (path,) = generate_to_files(pipe, settings, out, model="embedded")
-        verdict = match_caption(np.asarray(Image.open(path).convert("RGB")), prompt)
-        found = ", ".join(f"{o.colour} {o.shape or 'blob'}" for o in verdict.found) or "nothing"
-        entries.append(Entry(prompt, path, f"judge: {'match' if verdict.ok else 'no match'} (found {found})"))
+        entries.append(Entry(prompt, path, judged(Image.open(path), prompt)))
     return entries
 
 
@@ -93,9 +98,7 @@ def composition_section(pipe, out: Path, seed: int) -> list[Entry]:
         maps = result.maps(0, size=image.size[::-1])
         sheet = grid([image, *(overlay(image, m) for m in maps.values())], [method, *maps], columns=4, scale=2)
         path = save_png(sheet, out / f"{method}.png", {"prompt": prompt, "concepts": ",".join(concepts), "method": method, "seed": seed})
-        verdict = match_caption(np.asarray(image.convert("RGB")), prompt)
-        found = ", ".join(f"{o.colour} {o.shape or 'blob'}" for o in verdict.found) or "nothing"
-        entries.append(Entry(f"{method}: {prompt}", path, f"judge: {'match' if verdict.ok else 'no match'} (found {found}); maps of each concept"))
+        entries.append(Entry(f"{method}: {prompt}", path, f"{judged(image, prompt)}; maps of each concept"))
     return entries
 
 

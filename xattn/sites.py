@@ -41,6 +41,25 @@ def query_resolution(latent: tuple[int, int], queries: int) -> tuple[int, int]:
     return h, w
 
 
+def cross_resolutions(unet, latent: tuple[int, int]) -> list[int]:
+    """Sides of the query grids of the UNet's cross-attention layers at this latent size."""
+    sides, side = set(), max(latent)
+    for i, block in enumerate(unet.config.down_block_types):
+        if "CrossAttn" in block:
+            sides.add(side)
+        if i < len(unet.config.down_block_types) - 1:
+            side = (side + 1) // 2
+    if "CrossAttn" in (unet.config.mid_block_type or ""):
+        sides.add(side)
+    return sorted(sides)
+
+
+def nearest_cross_side(unet, latent: tuple[int, int], wanted: int) -> int:
+    """The cross-attention side nearest `wanted` (ties to the larger): 16 is the papers' at 512 px, and other
+    sizes and UNets have their own sides."""
+    return min(cross_resolutions(unet, latent), key=lambda s: (abs(s - wanted), -s))
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """Rows of a UNet batch: [uncond p0..pB-1, cond p0..pB-1] with guidance, [cond ...] without.
