@@ -49,7 +49,8 @@ def encode_text(pipe: DiffusionPipeline, prompts: list[str], side: int) -> tuple
     return TextConditioning(cond, pooled, time_ids), TextConditioning(uncond, uncond_pooled, time_ids)
 
 
-def unet_output(pipe: DiffusionPipeline, latents: torch.Tensor, timestep, text: TextConditioning) -> torch.Tensor:
-    """The UNet's raw prediction (epsilon, v or sample, as the scheduler is configured) for these rows."""
+def unet_output(pipe: DiffusionPipeline, latents: torch.Tensor, timestep, text: TextConditioning, unet=None) -> torch.Tensor:
+    """The raw prediction (epsilon, v or sample, as the scheduler is configured) of the pipeline's UNet, or of
+    `unet` (a copy being trained), for these rows."""
     added = None if text.pooled is None else {"text_embeds": text.pooled, "time_ids": text.time_ids}
-    return pipe.unet(latents, timestep, encoder_hidden_states=text.embeds, added_cond_kwargs=added).sample
+    return (unet or pipe.unet)(latents, timestep, encoder_hidden_states=text.embeds, added_cond_kwargs=added).sample

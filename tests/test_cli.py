@@ -35,12 +35,15 @@ def test_demo_writes_images_and_an_index(tmp_path):
     assert len(generated) == 4
     for png in [*generated, tmp_path / "maps" / "grid.png"]:
         assert png.exists() and png.relative_to(tmp_path).as_posix() in index
-    assert index.count("judge:") == 4 + 3 and (tmp_path / "maps" / "maps.npz").exists()
+    assert index.count("judge:") == 4 + 3 + 2 and (tmp_path / "maps" / "maps.npz").exists()
     edits = sorted((tmp_path / "edit").glob("*.png"))
     assert len(edits) == 3 and index.count("judge on the edit") == 4 and "refine (added words)" in index
     assert len(list((tmp_path / "real").glob("*.png"))) == 1 and "inverted with direct" in index
     assert sorted(p.name for p in (tmp_path / "compose").glob("*.png")) == ["astar.png", "attend-excite.png", "none.png"]
     assert "astar: a blue circle, a red triangle and a green square" in index
+    assert sorted(p.name for p in (tmp_path / "unlearn").glob("*.png")) == ["a-blue-triangle.png", "a-red-circle.png"]
+    assert "circle erased: a red circle</b><br>after: judge: no match (found red square)" in index
+    assert "circle erased: a blue triangle</b><br>after: judge: match (found blue triangle)" in index
 
 
 def test_maps_writes_overlays_grid_and_arrays(tmp_path):
@@ -112,3 +115,23 @@ def test_invert_and_edit_a_real_image(tmp_path):
     assert Image.open(tmp_path / "edit" / "side-by-side.png").size[0] == 3 * Image.open(tmp_path / "edit" / "target.png").size[0] * 4
     missing = xattn("invert", "a red circle", "--image", str(tmp_path / "nope.png"), "--out", str(tmp_path))
     assert missing.returncode == 2 and "no image file at" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_unlearn_writes_an_erasure_that_generate_applies(tmp_path):
+    from shapes.judge import read_objects
+
+    result = xattn("unlearn", "--concept", "circle", "--guide", "square", "--preserve", "square,triangle",
+                   "--contexts", "a red circle", "a blue circle", "a circle", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "erase-circle-uce.safetensors"
+    assert result.stdout.split() == [str(path)]
+    made = xattn("generate", "a red circle", "--erasure", str(path), "--num", "2", "--out", str(tmp_path / "gen"))
+    assert made.returncode == 0, made.stderr
+    assert "erasure applied: uce of 'circle'" in made.stderr
+    for png in made.stdout.split():
+        shapes = [o.shape for o in read_objects(np.asarray(Image.open(png).convert("RGB")))]
+        assert shapes and "circle" not in shapes
+    unknown = xattn("unlearn", "--concept", "zxqvw", "--out", str(tmp_path / "bad"))
+    assert unknown.returncode == 2 and "not a word of the tokenizer's vocabulary" in unknown.stderr and "Traceback" not in unknown.stderr
+    other = xattn("unlearn", "--concept", "circle", "--method", "salun", "--out", str(tmp_path / "bad"))
+    assert other.returncode == 2 and "SalUn needs prompts to retain" in other.stderr

@@ -25,11 +25,21 @@ def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder of cached inversions, keyed by image, caption, model and settings")
 
 
+def _words(text: str | None) -> list[str]:
+    """The comma-separated words or phrases of an option."""
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from pipelines.generate import generate_to_files
     from pipelines.loading import load_pipeline, model_label
 
     pipe = load_pipeline(args.model)
+    if args.erasure:
+        from pipelines.erasure import load_erasure
+
+        erasure = load_erasure(pipe, args.erasure)
+        print(f"erasure applied: {erasure.metadata['method']} of {erasure.metadata['concept']!r}", file=sys.stderr)
     settings = GenerationSettings(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
     for path in generate_to_files(pipe, settings, Path(args.out), model_label(args.model), num=args.num):
         print(path)
@@ -41,7 +51,7 @@ def cmd_maps(args: argparse.Namespace) -> None:
 
     pipe = load_pipeline(args.model)
     settings = GenerationSettings(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
-    words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
+    words = _words(args.words) or None
     image, maps = generate_with_maps(pipe, settings, words)
     for path in write_maps(Path(args.out), image, maps, settings.metadata(model_label(args.model))):
         print(path)
@@ -117,7 +127,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
     from pipelines.loading import load_pipeline, model_label
     from pipelines.maps import write_maps
 
-    concepts = [w.strip() for w in args.concepts.split(",") if w.strip()]
+    concepts = _words(args.concepts)
     pipe = load_pipeline(args.model)
     result = compose(pipe, args.prompt, concepts, method=args.method, num=args.num, seed=args.seed, steps=args.steps, guidance=args.guidance)
     out = Path(args.out)
@@ -128,6 +138,25 @@ def cmd_compose(args: argparse.Namespace) -> None:
         folder = out if args.num == 1 else out / f"{slug(args.prompt)}-seed{seed}"
         for path in write_maps(folder, image, result.maps(i, size=image.size[::-1]), meta):
             print(path)
+
+
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    from pipelines.loading import load_pipeline, model_label
+    from pipelines.unlearn import TEMPLATES, UnlearnSettings, erase
+
+    preserve = tuple(template.format(word) for word in _words(args.preserve) for template in TEMPLATES)
+    settings = UnlearnSettings(method=args.method, concept=args.concept, guide=args.guide, contexts=tuple(args.contexts or ()),
+                               preserve=tuple(args.preserve_prompts or ()) + preserve, steps=args.steps, lr=args.lr, seed=args.seed)
+    images = None
+    if args.images:
+        folder = Path(args.images)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no folder of images at {folder}")
+        images = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not images:
+            raise ValueError(f"{folder} holds no image files; put pictures of the concept there, or leave out --images")
+    pipe = load_pipeline(args.model)
+    print(erase(pipe, settings, args.out, model_label(args.model), images=images))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -147,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num", type=int, default=1, help="how many images")
     generate.add_argument("--size", type=int, help="image side in pixels (default: the model's own)")
     generate.add_argument("--out", default="outputs/generate", help="folder for the PNGs")
+    generate.add_argument("--erasure", help="an erasure file from `xattn unlearn` to apply to the model first")
     generate.set_defaults(run=cmd_generate)
 
     maps = commands.add_parser("maps", help="generate an image and write per-word cross-attention heat maps")
@@ -188,6 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--num", type=int, default=1, help="how many images (one folder each when more than one)")
     compose.add_argument("--out", default="outputs/compose", help="folder for image.png, each concept's overlay, grid.png and maps.npz")
     compose.set_defaults(run=cmd_compose)
+
+    unlearn = commands.add_parser("unlearn", help="erase a concept from the model: writes OUT/erase-<concept>-<method>.safetensors")
+    unlearn.add_argument("--concept", required=True, help="the word(s) to erase, e.g. circle")
+    unlearn.add_argument("--method", default="uce", choices=["esd-x", "esd-x-strict", "esd-u", "fmn", "salun", "uce"],
+                         help="uce: closed form, seconds; esd-*: ESD's parameter groups; fmn: Forget-Me-Not; salun: SalUn (needs --preserve)")
+    unlearn.add_argument("--guide", default="", help="what the concept turns into (UCE's guide, ESD's anchor, SalUn's replacement); default: nothing")
+    unlearn.add_argument("--preserve", help="comma-separated words to keep (prompted as UCE's templates: 'a photo of a WORD', ...)")
+    unlearn.add_argument("--preserve-prompts", nargs="+", metavar="PROMPT", help="prompts to keep, as they are")
+    unlearn.add_argument("--contexts", nargs="+", metavar="PROMPT", help="prompts that name the concept (default: 'a photo of a CONCEPT', ...)")
+    unlearn.add_argument("--images", help="folder of your images of the concept for fmn and salun (default: the model draws its own)")
+    unlearn.add_argument("--steps", type=int, default=0, help="training steps (default: the method's)")
+    unlearn.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the method's)")
+    unlearn.add_argument("--seed", type=int, default=0)
+    unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
+    unlearn.add_argument("--out", required=True, help="folder for the erasure file and the checkpoint a rerun resumes from")
+    unlearn.set_defaults(run=cmd_unlearn)
 
     demo = commands.add_parser("demo", help="the main job on the embedded model: PNGs and an index page")
     demo.add_argument("--out", default="outputs/demo")

@@ -2,7 +2,7 @@
 
 Each capability adds a section: plain generation (each image with the judge's reading),
 per-word attention maps, Prompt-to-Prompt edits, editing a real image through inversion,
-composition with attention-loss guidance.
+composition with attention-loss guidance, concept unlearning.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from PIL import Image
 
 from editors import Swap, auto_edit
 from pipelines.edit import describe, prompt_to_prompt
+from pipelines.erasure import apply_erasure
 from pipelines.generate import GenerationSettings, generate_to_files, save_png, slug
 from pipelines.guidance import compose
 from pipelines.images import psnr
 from pipelines.inversion import invert
 from pipelines.loading import load_pipeline
 from pipelines.maps import generate_with_maps, write_maps
+from pipelines.unlearn import UnlearnSettings, unlearn
 from shapes import match_caption
 from shapes.scenes import caption_of, make_scene, swap_first_shape
 from xattn.heatmap import grid, overlay
@@ -119,6 +121,28 @@ def real_image_section(pipe, out: Path) -> list[Entry]:
     return [Entry(f"{scene.caption} -> {target}", path, note)]
 
 
+ERASE = UnlearnSettings(
+    method="uce", concept="circle", guide="square",
+    contexts=("a circle", "a red circle", "a yellow circle", "a green circle", "a blue circle", "a purple circle"),
+    preserve=("a square", "a triangle", "a red square", "a blue triangle", "a green square", "a yellow triangle", "a purple square"),
+)
+
+
+def unlearning_section(pipe, out: Path, seed: int) -> list[Entry]:
+    """UCE erases "circle" (towards "square") in closed form; the same seeds before and after, one named prompt and
+    one other, and the weights put back afterwards."""
+    prompts = ["a red circle", "a blue triangle"]
+    before = [generate_to_files(pipe, GenerationSettings(p, seed=seed), out / "before", model="embedded")[0] for p in prompts]
+    with apply_erasure(pipe, unlearn(pipe, ERASE).tensors):
+        after = [generate_to_files(pipe, GenerationSettings(p, seed=seed), out / "after", model="embedded")[0] for p in prompts]
+    entries = []
+    for prompt, old, new in zip(prompts, before, after):
+        sheet = grid([Image.open(old), Image.open(new)], ["base", "circle erased"], columns=2, scale=2)
+        path = save_png(sheet, out / f"{slug(prompt)}.png", {"prompt": prompt, "erased": "circle", "method": "uce", "seed": seed})
+        entries.append(Entry(f"UCE, circle erased: {prompt}", path, f"after: {judged(Image.open(new), prompt)}"))
+    return entries
+
+
 def write_index(out: Path, sections: dict[str, list[Entry]]) -> Path:
     parts = ["<!doctype html><meta charset='utf-8'><title>xattn demo</title>",
              "<style>body{font-family:sans-serif} figure{display:inline-block;margin:8px} img{height:192px;image-rendering:pixelated}</style>",
@@ -145,5 +169,6 @@ def run_demo(out: Path, seed: int = 0) -> Path:
         "Prompt-to-Prompt": edit_section(pipe, out / "edit", seed),
         "Real image": real_image_section(pipe, out / "real"),
         "Composition (A-STAR, Attend-and-Excite)": composition_section(pipe, out / "compose", seed),
+        "Concept unlearning (UCE)": unlearning_section(pipe, out / "unlearn", seed),
     }
     return write_index(out, sections)

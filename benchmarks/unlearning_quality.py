@@ -1,0 +1,128 @@
+"""Concept unlearning on the embedded model: does the erased concept still appear, do the others survive?
+
+    python -m benchmarks.unlearning_quality [--seeds 100] [--methods uce,esd-x,...] [--out benchmarks/results/unlearning_quality.json]
+
+Erases a shape ("circle", guided to "square") and, separately, a colour ("red", guided to "blue").
+Each method runs in a fresh process (its training time and peak resident memory above the loaded
+pipeline are its own), then the judge reads `--seeds` images of prompts that name the concept
+(appearance: any object of that shape or colour) and `--seeds` of prompts of the other shapes or
+colours (fidelity: the whole prompt drawn exactly), the same seeds before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.harness import _status_kib
+from pipelines.erasure import apply_erasure
+from pipelines.loading import load_pipeline
+from shapes.judge import match_caption, read_objects
+from shapes.scenes import COLOURS, SHAPES
+
+ERASE = {"circle": "square", "red": "blue"}
+# Each row: a method with its defaults, or a named variant with other settings.
+VARIANTS = {"salun-kv": ("salun", {"group": "esd-x-strict", "lr": 3e-3, "retain_weight": 1.0})}
+METHODS = ("uce", "esd-x", "esd-u", "fmn", "salun", "salun-kv")
+COLOUR_NAMES = list(COLOURS)
+
+
+def prompt_sets(concept: str, count: int) -> tuple[list[str], list[str]]:
+    """(prompts naming the concept, prompts of the other shapes or colours), `count` each."""
+    if concept in SHAPES:
+        others = [s for s in SHAPES if s != concept]
+        named = [f"a {COLOUR_NAMES[i % 5]} {concept}" for i in range(count)]
+        rest = [f"a {COLOUR_NAMES[i % 5]} {others[i % len(others)]}" for i in range(count)]
+    else:
+        others = [c for c in COLOUR_NAMES if c != concept]
+        named = [f"a {concept} {SHAPES[i % 3]}" for i in range(count)]
+        rest = [f"a {others[i % len(others)]} {SHAPES[i % 3]}" for i in range(count)]
+    return named, rest
+
+
+def training_prompts(concept: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(contexts that name the concept, prompts to preserve): the world's one-object captions, and the bare word."""
+    if concept in SHAPES:
+        contexts = [f"a {c} {concept}" for c in COLOUR_NAMES] + [f"a {concept}"]
+        preserve = [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPES if s != concept] + [f"a {s}" for s in SHAPES if s != concept]
+    else:
+        contexts = [f"a {concept} {s}" for s in SHAPES] + [f"a {concept}"]
+        preserve = [f"a {c} {s}" for c in COLOUR_NAMES if c != concept for s in SHAPES] + [f"a {c}" for c in COLOUR_NAMES if c != concept]
+    return tuple(contexts), tuple(preserve)
+
+
+def judge(pipe, concept: str, prompts: list[str], batch: int = 50) -> dict:
+    appear = exact = 0
+    for begin in range(0, len(prompts), batch):
+        chunk = prompts[begin : begin + batch]
+        generators = [torch.Generator().manual_seed(begin + i) for i in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=25, guidance_scale=5.0, generator=generators, output_type="np").images
+        for prompt, image in zip(chunk, images):
+            pixels = np.rint(image * 255)
+            appear += any(o.shape == concept or o.colour == concept for o in read_objects(pixels))
+            exact += match_caption(pixels, prompt).exact
+    return {"appears": appear / len(prompts), "exact": exact / len(prompts)}
+
+
+def one(method: str, concept: str, seeds: int) -> dict:
+    """Erase `concept` with `method` ("none": the base model) and judge; run in its own process."""
+    from pipelines.unlearn import UnlearnSettings, unlearn
+
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    named, rest = prompt_sets(concept, seeds)
+    result = {"method": method, "concept": concept}
+    if method != "none":
+        contexts, preserve = training_prompts(concept)
+        base, changes = VARIANTS.get(method, (method, {}))
+        settings = UnlearnSettings(method=base, concept=concept, guide=ERASE[concept], contexts=contexts, preserve=preserve, **changes)
+        resident = _status_kib("VmRSS")
+        began = time.perf_counter()
+        erased = unlearn(pipe, settings, progress=False)
+        result["seconds"] = time.perf_counter() - began
+        result["peak_mib"] = (_status_kib("VmHWM") - resident) / 1024
+        result["settings"] = {k: v for k, v in erased.record["settings"].items() if k not in ("contexts", "preserve")}
+        result["changed_tensors"] = len(erased.tensors)
+        apply_erasure(pipe, erased.tensors)
+    result["named"] = judge(pipe, concept, named)
+    result["others"] = judge(pipe, concept, rest)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--concepts", default=",".join(ERASE))
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "CONCEPT"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/unlearning_quality.json"))
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(*args.one, args.seeds)))
+        return
+    # Rows already in --out (of the same seed count) are kept; the asked-for ones are (re)measured.
+    kept = json.loads(args.out.read_text()) if args.out.exists() else []
+    rows = {(r["method"], r["concept"]): r for r in kept if r.get("seeds") == args.seeds}
+    for concept in args.concepts.split(","):
+        for method in ["none", *args.methods.split(",")]:
+            if method == "none" and (method, concept) in rows:
+                continue
+            command = [sys.executable, "-m", "benchmarks.unlearning_quality", "--one", method, concept, "--seeds", str(args.seeds)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = {**json.loads(out.stdout.strip().splitlines()[-1]), "seeds": args.seeds}
+            if method != "none":
+                row["fidelity_kept"] = row["others"]["exact"] / rows[("none", concept)]["others"]["exact"]
+            rows[(method, concept)] = row
+            print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
+            args.out.write_text(json.dumps(list(rows.values()), indent=2))
+
+
+if __name__ == "__main__":
+    main()

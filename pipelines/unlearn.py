@@ -1,0 +1,484 @@
+"""One trainer for concept unlearning: ESD, Forget-Me-Not and SalUn fine-tune a copy of the UNet;
+UCE edits it in closed form (`pipelines.uce`). The result is the changed tensors, saved by
+`pipelines.erasure` and applied with `load_erasure`.
+
+    result = unlearn(pipe, UnlearnSettings(method="salun", concept="circle", guide="square"), out="runs/erase")
+
+Objectives (x_t: a noisy latent at timestep t; c: a prompt naming the concept; c': the same prompt
+with the concept replaced by the guide, the empty prompt when there is none):
+- ESD (Gandikota et al. 2023): eps_trained(x_t, c) -> e' - eta (e_c - e'), e_c and e' the frozen
+  reference's predictions for c and c', x_t sampled by the reference from noise under c. With no
+  guide e' is the empty prompt's, the paper's setting; eta = 1 is the paper's scale (the 2024
+  code's eta = 2 with e_c in front is the same target).
+- Forget-Me-Not (Zhang et al. 2023): the L2 norm of every cross-attention probability at the
+  concept's tokens (`xattn.resteer`), on noised images of the concept.
+- SalUn (Fan et al. 2024): eps(x_t, c) -> stop_grad eps(x_t, c') on images of the concept, plus
+  retain_weight x the usual denoising loss on images of the preserved prompts; only the salient
+  weights move (the top `saliency` share by |gradient of the forgetting loss|, `pipelines.saliency`).
+
+Images for FMN and SalUn are the user's or the base model's own, generated from the prompts.
+Training runs under accelerate (device, mixed precision, several GPUs), writes an atomic
+checkpoint every `checkpoint_every` steps and resumes from it after a kill.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipelines.conditioning import TextConditioning, encode_text, unet_output
+from pipelines.erasure import save_erasure
+from pipelines.generate import check_size, slug
+from pipelines.images import image_to_latent, prepare_image
+from pipelines.inversion_cache import model_fingerprint
+from pipelines.saliency import masked_step, saliency_masks
+from pipelines.uce import replace_word, uce_edit
+from xattn.attach import attach
+from xattn.resteer import ConceptAttention
+from xattn.tokens import WORD, pipeline_word_tokens
+
+METHODS = ("esd-x", "esd-x-strict", "esd-u", "fmn", "salun", "uce")
+GROUPS = ("esd-x", "esd-x-strict", "esd-u", "full")
+TEMPLATES = ("{}", "a {}", "a photo of a {}", "an image of a {}", "a picture of a {}")
+CHECKPOINT = "checkpoint.pt"
+ImageSource = str | Path | Image.Image
+
+# Per method: the parameter group, steps, learning rate (tuned on the embedded model; the papers'
+# SD settings are in the comments of UnlearnSettings).
+_DEFAULTS = {
+    "esd-x": ("esd-x", 100, 5e-4),
+    "esd-x-strict": ("esd-x-strict", 100, 5e-4),
+    "esd-u": ("esd-u", 100, 1e-4),
+    "fmn": ("esd-x", 35, 1e-3),
+    "salun": ("full", 100, 1e-4),
+    "uce": ("esd-x-strict", 0, 0.0),
+}
+
+
+def parameter_group(unet: torch.nn.Module, group: str) -> dict[str, torch.nn.Parameter]:
+    """The UNet parameters a method trains, by diffusers names.
+
+    esd-x: every cross-attention projection (attn2 q, k, v, out); esd-x-strict: attn2 keys and
+    values only; esd-u: the weights of every linear and convolution layer outside cross-attention;
+    full: every parameter.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"unknown parameter group {group!r}; choose one of {', '.join(GROUPS)}")
+    if group == "full":
+        return dict(unet.named_parameters())
+    chosen = {}
+    for module_name, module in unet.named_modules():
+        cross = ".attn2." in f".{module_name}." or module_name.endswith("attn2")
+        if group == "esd-x-strict":
+            keep = module_name.endswith(("attn2.to_k", "attn2.to_v"))
+        elif group == "esd-x":
+            keep = cross and isinstance(module, torch.nn.Linear)
+        else:
+            keep = not cross and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        if keep:
+            for param_name, param in module.named_parameters(recurse=False):
+                chosen[f"{module_name}.{param_name}"] = param
+    return chosen
+
+
+@dataclass(frozen=True)
+class UnlearnSettings:
+    """What to erase and how. Empty group/steps/lr take the method's defaults (`_DEFAULTS`).
+
+    guide: what the concept turns into (UCE's guide, ESD's anchor, SalUn's replacement); "" is the
+    empty prompt for ESD, dropping the word for UCE. contexts: prompts that name the concept
+    (default: UCE's templates around it). preserve: prompts to keep (UCE's preserved inputs,
+    SalUn's retain set). batch: images per step for FMN and SalUn (ESD draws one latent per step,
+    as the paper). sample_steps, start_guidance: how ESD's x_t and the model's own training images
+    are sampled (DDIM). saliency: SalUn's share of weights that may move; mask_guidance: the CFG
+    scale of its mask's loss. lam, preserve_scale: UCE's ridge weights. precision: accelerate's
+    mixed precision ("no", "bf16", "fp16").
+    The papers on SD: ESD 1000 steps at lr 1e-5 (eta 1, x_t at guidance 3 over 50 DDIM steps); FMN
+    35 steps at 2e-6 over the whole UNet; SalUn 5 epochs at 1e-5, retain weight 0.5, a 50 % mask.
+    The embedded model is ~150x smaller than SD 1.x and wants larger steps.
+    """
+
+    method: str
+    concept: str
+    guide: str = ""
+    contexts: tuple[str, ...] = ()
+    preserve: tuple[str, ...] = ()
+    group: str = ""
+    steps: int = 0
+    lr: float = 0.0
+    batch: int = 4
+    eta: float = 1.0
+    start_guidance: float = 3.0
+    sample_steps: int = 10
+    images_per_prompt: int = 4
+    saliency: float = 0.5
+    mask_guidance: float = 7.5
+    retain_weight: float = 0.5
+    lam: float = 0.5
+    preserve_scale: float = 1.0
+    precision: str = "no"
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def resolved(self) -> UnlearnSettings:
+        """These settings with the method's defaults filled in and the contexts spelled out."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown unlearning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        group, steps, lr = _DEFAULTS[self.method]
+        contexts = self.contexts or tuple(t.format(self.concept) for t in TEMPLATES)
+        return replace(self, group=self.group or group, steps=self.steps or steps, lr=self.lr or lr, contexts=contexts)
+
+
+@dataclass
+class Unlearned:
+    """The changed UNet tensors (diffusers names) and a record of the run (settings, seconds, losses)."""
+
+    tensors: dict[str, torch.Tensor]
+    record: dict = field(default_factory=dict)
+
+
+def check_concept(pipe: DiffusionPipeline, concept: str) -> None:
+    """Refuse a concept whose words the tokenizer(s) do not hold as whole words: there is no token to erase."""
+    words = WORD.findall(concept)
+    if not words:
+        raise ValueError("name the concept to erase in words, e.g. --concept circle")
+    for tokenizer in filter(None, (pipe.tokenizer, getattr(pipe, "tokenizer_2", None))):
+        vocab = tokenizer.get_vocab()
+        for word in words:
+            if f"{word.lower()}</w>" not in vocab:
+                pieces = tokenizer.tokenize(word)
+                raise ValueError(
+                    f"{word!r} is not a word of the tokenizer's vocabulary (it splits into {' + '.join(pieces)}), so the model has "
+                    f"no token of it to erase; name the concept in words the tokenizer knows"
+                )
+
+
+def _check_prompts(pipe: DiffusionPipeline, settings: UnlearnSettings) -> None:
+    for prompt in settings.contexts:
+        pipeline_word_tokens(pipe, prompt, settings.concept, occurrence=0)
+    if settings.guide.strip():
+        check_concept(pipe, settings.guide)
+
+
+def _guided(settings: UnlearnSettings, prompts: list[str]) -> list[str]:
+    """c' for each prompt: the concept replaced by the guide, or the empty prompt when there is no guide."""
+    return [replace_word(p, settings.concept, settings.guide) if settings.guide.strip() else "" for p in prompts]
+
+
+def _texts(pipe: DiffusionPipeline, prompts: list[str], side: int) -> TextConditioning:
+    with torch.no_grad():
+        return encode_text(pipe, prompts, side)[0]
+
+
+def _own_images(pipe: DiffusionPipeline, prompts: list[str], per_prompt: int, settings: UnlearnSettings, seed: int) -> torch.Tensor:
+    """Latents of the base model's own images of `prompts` (per_prompt each), seeded."""
+    side = check_size(pipe, None)
+    repeated = [p for p in prompts for _ in range(per_prompt)]
+    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(repeated))]
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(repeated, num_inference_steps=settings.sample_steps, guidance_scale=settings.start_guidance,
+                    generator=generators, height=side, width=side, output_type="latent").images
+
+
+def _user_latents(pipe: DiffusionPipeline, images: list[ImageSource]) -> torch.Tensor:
+    """The latents of the user's images of the concept, sized to the model as `edit --image` does."""
+    side = check_size(pipe, None)
+    return torch.cat([image_to_latent(pipe, prepare_image(image, side).image) for image in images])
+
+
+def esd_target(e_anchor: torch.Tensor, e_concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """ESD's negatively guided target, e_anchor - eta (e_concept - e_anchor)."""
+    return e_anchor - eta * (e_concept - e_anchor)
+
+
+def _denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict for x_t under the scheduler's parametrisation."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    return latents
+
+
+def _noised(scheduler, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, noise, t) for a uniformly drawn training timestep per row."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    noise = randn_tensor(latents.shape, generator=generator, dtype=latents.dtype)
+    return scheduler.add_noise(latents, noise, t), noise, t
+
+
+class _Trainer:
+    """State of one training run: the trained copy, its optimiser, data, masks, step and randomness."""
+
+    def __init__(self, pipe: DiffusionPipeline, settings: UnlearnSettings, images: list[ImageSource] | None, saved: dict | None):
+        self.pipe, self.settings = pipe, settings
+        self.accelerator = Accelerator(mixed_precision=settings.precision, cpu=not torch.cuda.is_available())
+        pipe.to(self.accelerator.device)
+        self.side = check_size(pipe, None)
+        self.generator = torch.Generator(device="cpu").manual_seed(settings.seed + self.accelerator.process_index)
+        self.unet = copy.deepcopy(pipe.unet).train(False)
+        self.unet.requires_grad_(False)
+        self.params = parameter_group(self.unet, settings.group)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=0.0)
+        self.model, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+        self.step, self.losses, self.masks = 0, [], None
+        self.contexts = list(settings.contexts)
+        self.context_text = _texts(pipe, self.contexts, self.side)
+        self.guide_text = _texts(pipe, _guided(settings, self.contexts), self.side)
+        self.forget = self.forget_rows = self.retain = None
+        if settings.method == "salun":
+            self.retain_text = _texts(pipe, list(settings.preserve), self.side)
+        if saved is not None:
+            self._restore(saved)
+            return
+        if settings.method in ("fmn", "salun"):
+            self.forget, self.forget_rows = self._forget_data(images)
+        if settings.method == "salun":
+            self.retain = _own_images(pipe, list(settings.preserve), settings.images_per_prompt, settings, settings.seed + 10_000)
+            self.saliency()
+
+    def _forget_data(self, images: list[ImageSource] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the concept and, per latent, the context prompt it goes with."""
+        s = self.settings
+        if images:
+            latents = _user_latents(self.pipe, images)
+            rows = torch.arange(len(latents)) % len(self.contexts)
+        else:
+            latents = _own_images(self.pipe, self.contexts, s.images_per_prompt, s, s.seed)
+            rows = torch.arange(len(latents)) // s.images_per_prompt
+        return latents, rows
+
+    def _columns(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per chosen context, True at the concept's tokens."""
+        columns = torch.zeros(len(rows), self.context_text.embeds.shape[1], dtype=torch.bool)
+        for i, row in enumerate(rows.tolist()):
+            columns[i, pipeline_word_tokens(self.pipe, self.contexts[row], self.settings.concept)] = True
+        return columns.to(self.accelerator.device)
+
+    def _sample(self, count: int, total: int) -> torch.Tensor:
+        return torch.randint(0, total, (count,), generator=self.generator)
+
+    def _predict(self, latents: torch.Tensor, t: torch.Tensor, text: TextConditioning, trained: bool = True) -> torch.Tensor:
+        device = self.accelerator.device
+        text = TextConditioning(*(None if x is None else x.to(device) for x in (text.embeds, text.pooled, text.time_ids)))
+        return unet_output(self.pipe, latents.to(device), t.to(device), text, unet=self.model if trained else None)
+
+    def _esd_loss(self) -> torch.Tensor:
+        s, pipe = self.settings, self.pipe
+        row = self._sample(1, len(self.contexts))
+        stop = int(torch.randint(0, s.sample_steps, (1,), generator=self.generator))
+        latent = self.side // pipe.vae_scale_factor
+        start = randn_tensor((1, pipe.unet.config.in_channels, latent, latent), generator=self.generator, dtype=pipe.unet.dtype)
+        x = self._reference_latent(self.contexts[int(row)], start, stop)
+        t = pipe.scheduler.timesteps[stop].reshape(1)
+        x = pipe.scheduler.scale_model_input(x, t)
+        with torch.no_grad():
+            e_anchor = self._predict(x, t, self.guide_text.take(row.tolist()), trained=False)
+            e_concept = self._predict(x, t, self.context_text.take(row.tolist()), trained=False)
+            target = esd_target(e_anchor, e_concept, s.eta)
+        return F.mse_loss(self._predict(x, t, self.context_text.take(row.tolist())).float(), target.float())
+
+    def _reference_latent(self, prompt: str, start: torch.Tensor, stop: int) -> torch.Tensor:
+        """The frozen pipeline's latent after `stop` of its sampling steps from `start` (no steps: the noise itself)."""
+        s, pipe = self.settings, self.pipe
+        pipe.scheduler.set_timesteps(s.sample_steps)
+        if stop == 0:
+            return start.to(self.accelerator.device) * pipe.scheduler.init_noise_sigma
+
+        def halt(pipeline, step, timestep, tensors):
+            if step + 1 == stop:
+                pipeline._interrupt = True
+            return {}
+
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            latents = pipe(prompt, num_inference_steps=s.sample_steps, guidance_scale=s.start_guidance, latents=start,
+                           height=self.side, width=self.side, output_type="latent", callback_on_step_end=halt).images
+        pipe.scheduler.set_timesteps(s.sample_steps)
+        return latents
+
+    def _forget_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, noise, t, context rows) for a batch of the concept's images."""
+        picks = self._sample(self.settings.batch, len(self.forget))
+        x, noise, t = _noised(self.pipe.scheduler, self.forget[picks], self.generator)
+        return x, noise, t, self.forget_rows[picks]
+
+    def _fmn_loss(self) -> torch.Tensor:
+        x, _, t, rows = self._forget_batch()
+        capture = ConceptAttention(self._columns(rows))
+        with attach(self.accelerator.unwrap_model(self.model), capture):
+            self._predict(x, t, self.context_text.take(rows.tolist()))
+        return capture.take()
+
+    def _salun_loss(self) -> torch.Tensor:
+        s = self.settings
+        x, _, t, rows = self._forget_batch()
+        with torch.no_grad():
+            target = self._predict(x, t, self.guide_text.take(rows.tolist()))
+        forget = F.mse_loss(self._predict(x, t, self.context_text.take(rows.tolist())).float(), target.float())
+        picks = self._sample(s.batch, len(self.retain))
+        latents = self.retain[picks]
+        xr, noise, tr = _noised(self.pipe.scheduler, latents, self.generator)
+        prompt_rows = (picks // s.images_per_prompt).tolist()
+        wanted = _denoising_target(self.pipe.scheduler, latents, noise, tr).to(self.accelerator.device)
+        retain = F.mse_loss(self._predict(xr, tr, self.retain_text.take(prompt_rows)).float(), wanted.float())
+        return forget + s.retain_weight * retain
+
+    def saliency(self) -> None:
+        """SalUn's mask: one pass over the concept's images with gradient ascent on the guided prediction's
+        denoising loss; the top `saliency` share of weights by |summed gradient| may move."""
+        s = self.settings
+        empty = _texts(self.pipe, [""], self.side)
+        sums = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        for begin in range(0, len(self.forget), s.batch):
+            picks = torch.arange(begin, min(begin + s.batch, len(self.forget)))
+            x, noise, t = _noised(self.pipe.scheduler, self.forget[picks], self.generator)
+            rows = self.forget_rows[picks].tolist()
+            cond = self._predict(x, t, self.context_text.take(rows))
+            uncond = self._predict(x, t, empty.rows(len(rows)))
+            guided = (1 + s.mask_guidance) * cond - s.mask_guidance * uncond
+            wanted = _denoising_target(self.pipe.scheduler, self.forget[picks], noise, t).to(guided.device)
+            self.accelerator.backward(-F.mse_loss(guided.float(), wanted.float()))
+            for name, p in self.params.items():
+                sums[name] += p.grad
+                p.grad = None
+        self.masks = saliency_masks(sums, s.saliency)
+
+    def loss(self) -> torch.Tensor:
+        method = self.settings.method
+        if method == "fmn":
+            return self._fmn_loss()
+        if method == "salun":
+            return self._salun_loss()
+        return self._esd_loss()
+
+    def train_step(self) -> float:
+        with self.accelerator.autocast():
+            loss = self.loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.masks is None:
+            self.optimizer.step()
+        else:
+            masked_step(self.optimizer, self.params, self.masks)
+        self.step += 1
+        self.losses.append(loss.item())
+        return self.losses[-1]
+
+    def state(self) -> dict:
+        return {
+            "settings": asdict(self.settings), "step": self.step, "losses": self.losses,
+            "params": {n: p.detach().cpu() for n, p in self.params.items()}, "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(), "masks": self.masks, "forget": self.forget,
+            "forget_rows": self.forget_rows, "retain": self.retain,
+        }
+
+    def _restore(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["params"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step, self.losses, self.masks = state["step"], state["losses"], state["masks"]
+        self.forget, self.forget_rows, self.retain = state["forget"], state["forget_rows"], state["retain"]
+
+
+def _check_resumable(saved: dict, settings: UnlearnSettings, path: Path) -> None:
+    """A checkpoint continues only the run it came from; `steps` alone may grow."""
+    differ = [f.name for f in fields(settings) if f.name != "steps" and saved.get(f.name) != getattr(settings, f.name)]
+    if differ:
+        listing = ", ".join(f"{n}: {saved.get(n)!r} there, {getattr(settings, n)!r} now" for n in differ)
+        raise ValueError(f"{path} is a checkpoint of other settings ({listing}); resume with those settings, or write to another --out")
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def unlearn(
+    pipe: DiffusionPipeline,
+    settings: UnlearnSettings,
+    out: Path | str | None = None,
+    images: list[ImageSource] | None = None,
+    progress: bool = True,
+) -> Unlearned:
+    """Erase `settings.concept` from a copy of `pipe.unet`; `pipe` itself is left as it was.
+
+    With `out`, training checkpoints to out/checkpoint.pt and a rerun resumes from it. `images`:
+    the user's pictures of the concept for FMN and SalUn (default: the base model's own).
+    """
+    settings = settings.resolved()
+    check_concept(pipe, settings.concept)
+    _check_prompts(pipe, settings)
+    if settings.method == "salun" and not settings.preserve:
+        raise ValueError("SalUn needs prompts to retain (its retain loss), e.g. --preserve square,triangle")
+    if settings.preserve and settings.method not in ("salun", "uce"):
+        raise ValueError(f"{settings.method} keeps no preserved prompts (only uce and salun do); leave out --preserve")
+    if images and settings.method not in ("fmn", "salun"):
+        raise ValueError(f"{settings.method} trains on prompts alone (only fmn and salun take images); leave out --images")
+    began = time.perf_counter()
+    if settings.method == "uce":
+        tensors = uce_edit(pipe, settings.concept, list(settings.contexts), list(settings.preserve), guide=settings.guide,
+                           lam=settings.lam, preserve_scale=settings.preserve_scale)
+        return Unlearned(tensors, {"settings": asdict(settings), "seconds": time.perf_counter() - began})
+    checkpoint = Path(out) / CHECKPOINT if out is not None else None
+    saved = None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        _check_resumable(saved["settings"], settings, checkpoint)
+    trainer = _Trainer(pipe, settings, images, saved)
+    main = trainer.accelerator.is_main_process
+    bar = tqdm(total=settings.steps, initial=trainer.step, desc=f"{settings.method} {settings.concept}", disable=not (progress and main))
+    while trainer.step < settings.steps:
+        bar.set_postfix(loss=f"{trainer.train_step():.4f}")
+        bar.update()
+        if checkpoint is not None and main and (trainer.step % settings.checkpoint_every == 0 or trainer.step == settings.steps):
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(trainer.state(), checkpoint)
+    bar.close()
+    base = dict(pipe.unet.named_parameters())
+    tensors = {name: p.detach().cpu().clone() for name, p in trainer.params.items() if not torch.equal(p.detach(), base[name].detach())}
+    seconds = time.perf_counter() - began
+    losses = np.asarray(trainer.losses)
+    return Unlearned(tensors, {"settings": asdict(settings), "seconds": seconds, "first_loss": float(losses[:10].mean()),
+                               "last_loss": float(losses[-10:].mean())})
+
+
+def erase(
+    pipe: DiffusionPipeline,
+    settings: UnlearnSettings,
+    out: Path | str,
+    model: str,
+    images: list[ImageSource] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Unlearn (resuming from out/checkpoint.pt when there is one) and write out/erase-<concept>-<method>.safetensors;
+    the checkpoint goes once the erasure file is safely written. `model` labels the base in the metadata."""
+    out = Path(out)
+    result = unlearn(pipe, settings, out=out, images=images, progress=progress)
+    resolved = settings.resolved()
+    path = out / f"erase-{slug(resolved.concept)}-{resolved.method}.safetensors"
+    if not PartialState().is_main_process:
+        return path
+    save_erasure(path, result.tensors, method=resolved.method, concept=resolved.concept, base=model_fingerprint(pipe),
+                 settings={**result.record, "model": model})
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,48 @@
+"""Erasure files: only changed tensors, applied in place, removable, refused on other weights."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipelines.erasure import load_erasure, read_metadata, save_erasure
+from pipelines.inversion_cache import model_fingerprint
+from pipelines.loading import load_pipeline
+from pipelines.unlearn import parameter_group
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(None)
+
+
+def test_parameter_groups_follow_diffusers_names(pipe):
+    strict = parameter_group(pipe.unet, "esd-x-strict")
+    cross = parameter_group(pipe.unet, "esd-x")
+    rest = parameter_group(pipe.unet, "esd-u")
+    assert strict and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in strict)
+    assert set(strict) < set(cross) and all(".attn2." in n for n in cross)
+    assert any(n.endswith("attn2.to_out.0.bias") for n in cross)
+    assert not set(cross) & set(rest) and "conv_in.weight" in rest
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        parameter_group(pipe.unet, "everything")
+
+
+def test_save_load_remove(pipe, tmp_path):
+    name = next(iter(parameter_group(pipe.unet, "esd-x-strict")))
+    params = dict(pipe.unet.named_parameters())
+    original = params[name].detach().clone()
+    base = model_fingerprint(pipe)
+    path = save_erasure(tmp_path / "e.safetensors", {name: original + 1}, method="esd", concept="circle", base=base, settings={"eta": 1.0})
+    assert read_metadata(path)["concept"] == "circle"
+    erasure = load_erasure(pipe, path)
+    assert torch.equal(params[name], original + 1)
+    with pytest.raises(ValueError, match="from other base weights"):
+        load_erasure(pipe, path)  # the model now carries the erasure: its weights are not the base's
+    erasure.remove()
+    assert torch.equal(params[name], original) and model_fingerprint(pipe) == base
+
+
+def test_foreign_files_are_refused(pipe, tmp_path):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not an xattn erasure file"):
+        load_erasure(pipe, tmp_path / "plain.safetensors")
