@@ -159,6 +159,12 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     print(erase(pipe, settings, args.out, model_label(args.model), images=images))
 
 
+def cmd_ui(args: argparse.Namespace) -> None:
+    from ui.app import launch
+
+    launch(host=args.host, port=args.port, model=args.model)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from ui.demo import run_demo
 
@@ -234,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
     unlearn.add_argument("--out", required=True, help="folder for the erasure file and the checkpoint a rerun resumes from")
     unlearn.set_defaults(run=cmd_unlearn)
+
+    ui = commands.add_parser("ui", help="the Gradio app: inspect, edit, real image, compose, erase")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    ui.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    ui.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
+    ui.set_defaults(run=cmd_ui)
 
     demo = commands.add_parser("demo", help="the main job on the embedded model: PNGs and an index page")
     demo.add_argument("--out", default="outputs/demo")
