@@ -105,6 +105,21 @@ def test_erase_gives_before_after_and_the_file(client):
         client.predict("zxqvw", "uce", "", "", 0, "", 0, api_name="/erase")
 
 
+def test_long_work_reports_progress_per_step(client):
+    import time
+
+    job = client.submit("circle", "esd-x", "square", "", 40, "a red circle", 0, api_name="/erase")
+    seen = []
+    while not job.done():
+        progress = job.status().progress_data
+        if progress:
+            seen.extend((unit.index, unit.length, unit.unit) for unit in progress if unit.length)
+        time.sleep(0.2)
+    job.result()
+    training = [(index, length) for index, length, unit in seen if length == 40]
+    assert len({index for index, _ in training}) >= 3  # the trainer's bar, one tick per step, reached the page
+
+
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason="needs Debian's chromium (.ci/run installs it)")
 def test_a_browser_generates_and_sees_the_heat_maps(served):
     from playwright.sync_api import sync_playwright
