@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pipelines.inversion_cache import model_fingerprint
@@ -39,8 +39,11 @@ def save_erasure(path: Path | str, tensors: dict[str, torch.Tensor], *, method: 
 
 
 def read_metadata(path: Path | str) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a safetensors file ({error}); give an erasure file from `xattn unlearn`") from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not an xattn erasure file (no '{FORMAT}' metadata); make one with `xattn unlearn`")
     return metadata

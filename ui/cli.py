@@ -159,6 +159,25 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     print(erase(pipe, settings, args.out, model_label(args.model), images=images))
 
 
+def cmd_batch(args: argparse.Namespace) -> None:
+    from pipelines.batch import process_state, run_batch
+    from pipelines.jobs import read_jobs
+    from pipelines.loading import load_pipeline, model_label
+
+    listed = read_jobs(args.jobs)
+    main = process_state().is_main_process
+    if main:
+        for problem in listed.problems:
+            print(f"{args.jobs}: {problem}", file=sys.stderr)
+    pipe = load_pipeline(args.model)
+    summary = run_batch(pipe, listed.jobs, args.out, model_label(args.model), invalid=listed.problems,
+                        retry_failed=args.retry_failed, batch_size=args.batch_size)
+    if main:
+        print(summary)
+    if not summary.ok:
+        raise SystemExit(1)
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     from ui.app import launch
 
@@ -240,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
     unlearn.add_argument("--out", required=True, help="folder for the erasure file and the checkpoint a rerun resumes from")
     unlearn.set_defaults(run=cmd_unlearn)
+
+    batch = commands.add_parser("batch", help="run a JOBS file (JSONL or YAML) of generate/maps/edit/compose/invert/erase-then-generate jobs")
+    batch.add_argument("jobs", help="JSONL (one job per line) or YAML (a list of jobs)")
+    batch.add_argument("--out", default="outputs/batch", help="folder for jobs/<id>/ and manifest.json; a rerun resumes it")
+    batch.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
+    batch.add_argument("--retry-failed", action="store_true", help="redo the jobs that failed in an earlier run")
+    batch.add_argument("--batch-size", type=int, default=8, help="generate jobs with the same settings per pipeline call")
+    batch.set_defaults(run=cmd_batch)
 
     ui = commands.add_parser("ui", help="the Gradio app: inspect, edit, real image, compose, erase")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
