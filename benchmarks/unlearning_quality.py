@@ -34,8 +34,14 @@ METHODS = ("uce", "esd-x", "esd-u", "fmn", "salun", "salun-kv")
 COLOUR_NAMES = list(COLOURS)
 
 
-def prompt_sets(concept: str, count: int) -> tuple[list[str], list[str]]:
-    """(prompts naming the concept, prompts of the other shapes or colours), `count` each."""
+def prompt_sets(concept: str, count: int, objects: int = 1) -> tuple[list[str], list[str]]:
+    """(prompts naming the concept, prompts of the other shapes or colours), `count` each; with objects=2, captions
+    of two objects that training never saw ("a red circle and a blue square", the concept in either place)."""
+    if objects == 2:
+        one, others = prompt_sets(concept, count + 1)
+        named = [f"{one[i]} and {others[i + 1]}" if i % 2 else f"{others[i + 1]} and {one[i]}" for i in range(count)]
+        rest = [f"{others[i]} and {others[i + 1]}" for i in range(count)]
+        return named, rest
     if concept in SHAPES:
         others = [s for s in SHAPES if s != concept]
         named = [f"a {COLOUR_NAMES[i % 5]} {concept}" for i in range(count)]
@@ -71,18 +77,19 @@ def judge(pipe, concept: str, prompts: list[str], batch: int = 50) -> dict:
     return {"appears": appear / len(prompts), "exact": exact / len(prompts)}
 
 
-def one(method: str, concept: str, seeds: int) -> dict:
+def one(method: str, concept: str, seeds: int, objects: int = 1) -> dict:
     """Erase `concept` with `method` ("none": the base model) and judge; run in its own process."""
     from pipelines.unlearn import UnlearnSettings, unlearn
 
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    named, rest = prompt_sets(concept, seeds)
-    result = {"method": method, "concept": concept}
+    named, rest = prompt_sets(concept, seeds, objects)
+    result = {"method": method, "concept": concept, "objects": objects}
     if method != "none":
         contexts, preserve = training_prompts(concept)
         base, changes = VARIANTS.get(method, (method, {}))
-        settings = UnlearnSettings(method=base, concept=concept, guide=ERASE[concept], contexts=contexts, preserve=preserve, **changes)
+        kept = preserve if base in ("uce", "salun") else ()  # the others keep nothing by design
+        settings = UnlearnSettings(method=base, concept=concept, guide=ERASE[concept], contexts=contexts, preserve=kept, **changes)
         resident = _status_kib("VmRSS")
         began = time.perf_counter()
         erased = unlearn(pipe, settings, progress=False)
@@ -101,11 +108,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--concepts", default=",".join(ERASE))
+    parser.add_argument("--objects", type=int, default=1, choices=[1, 2], help="objects per judged caption (2: unseen templates)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "CONCEPT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/unlearning_quality.json"))
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one, args.seeds)))
+        print(json.dumps(one(*args.one, args.seeds, args.objects)))
         return
     # Rows already in --out (of the same seed count) are kept; the asked-for ones are (re)measured.
     kept = json.loads(args.out.read_text()) if args.out.exists() else []
@@ -114,7 +122,8 @@ def main() -> None:
         for method in ["none", *args.methods.split(",")]:
             if method == "none" and (method, concept) in rows:
                 continue
-            command = [sys.executable, "-m", "benchmarks.unlearning_quality", "--one", method, concept, "--seeds", str(args.seeds)]
+            command = [sys.executable, "-m", "benchmarks.unlearning_quality", "--one", method, concept, "--seeds", str(args.seeds),
+                       "--objects", str(args.objects)]
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             row = {**json.loads(out.stdout.strip().splitlines()[-1]), "seeds": args.seeds}
             if method != "none":
