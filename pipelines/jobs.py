@@ -31,6 +31,7 @@ KINDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                             "guide": ((str,), False), "preserve": ((list,), False), "train_steps": ((int,), False),
                             "seed": ((int,), False)},
 }
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
 ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -82,8 +83,8 @@ def check_fields(kind: str, params: dict) -> None:
             continue
         value = params[name]
         if isinstance(value, bool) or not isinstance(value, types):
-            wanted = " or ".join("number" if t is float else t.__name__ for t in types)
-            raise ValueError(f"{name!r} must be a {wanted}; got {value!r}")
+            wanted = " or ".join(_TYPE_NAMES[t] for t in types if not (t is int and float in types))
+            raise ValueError(f"{name!r} must be {wanted}; got {value!r}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ValueError(f"{name!r} must be a list of words or prompts (strings); got {value!r}")
     for name in ("steps", "num", "train_steps"):
