@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
 from pipelines.erasure import apply_erasure, load_erasure
-from pipelines.generate import GenerationSettings, check_size, save_png
+from pipelines.generate import GenerationSettings, check_size, generate, save_png
 from pipelines.guidance import METHODS as COMPOSE_METHODS
 from pipelines.guidance import compose
 from pipelines.images import psnr
@@ -39,7 +39,7 @@ from pipelines.inversion import invert, reconstruct
 from pipelines.jobs import Job, Problem
 from pipelines.maps import generate_with_maps, write_maps
 from pipelines.unlearn import METHODS as ERASERS
-from pipelines.unlearn import TEMPLATES, UnlearnSettings, unlearn
+from pipelines.unlearn import UnlearnSettings, template_prompts, unlearn
 from xattn.heatmap import grid
 from xattn.tokens import pipeline_word_tokens
 
@@ -81,7 +81,7 @@ def _sampling(params: dict) -> dict:
 def check_job(pipe: DiffusionPipeline, job: Job) -> None:
     """What can be known before running: words in their prompts, files present, methods and sizes that exist."""
     p = job.params
-    if job.kind in ("generate",):
+    if job.kind == "generate":
         check_size(pipe, p.get("size"))
         if "erasure" in p and not Path(p["erasure"]).is_file():
             raise ValueError(f"no erasure file at {p['erasure']}")
@@ -172,22 +172,18 @@ def _invert(pipe, job: Job, folder: Path, model: str) -> dict:
 
 def _erase_then_generate(pipe, job: Job, folder: Path, model: str) -> dict:
     p = job.params
-    kept = tuple(t.format(w) for w in p.get("preserve", []) for t in TEMPLATES)
+    kept = template_prompts(p.get("preserve", []))
     settings = UnlearnSettings(method=p.get("method", "uce"), concept=p["concept"], guide=p.get("guide", ""), preserve=kept,
                                steps=p.get("train_steps", 0), seed=p.get("seed", 0))
     erased = unlearn(pipe, settings, progress=False)
     seed = p.get("seed", 0)
-    before = [_one(pipe, prompt, seed) for prompt in p["prompts"]]
+    before = [generate(pipe, GenerationSettings(prompt, seed=seed))[0] for prompt in p["prompts"]]
     with apply_erasure(pipe, erased.tensors):
-        after = [_one(pipe, prompt, seed) for prompt in p["prompts"]]
+        after = [generate(pipe, GenerationSettings(prompt, seed=seed))[0] for prompt in p["prompts"]]
     meta = {"concept": p["concept"], "method": settings.method, "guide": settings.guide, "seed": seed, "model": model}
     save_png(grid(before + after, [f"before: {q}" for q in p["prompts"]] + [f"after: {q}" for q in p["prompts"]],
                   columns=len(p["prompts"])), folder / "before-after.png", meta)
     return {"train_seconds": erased.record["seconds"], "changed_tensors": len(erased.tensors)}
-
-
-def _one(pipe, prompt: str, seed: int):
-    return pipe(prompt, num_inference_steps=25, guidance_scale=5.0, generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
 
 
 RUNNERS: dict[str, Callable] = {"maps": _maps, "edit": _edit, "compose": _compose, "invert": _invert,

@@ -13,16 +13,15 @@ weights; a file made for other weights is refused before anything changes.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from pipelines.inversion_cache import model_fingerprint
+from shapes.train import save_atomic
 
 FORMAT = "xattn-erasure/1"
 
@@ -32,9 +31,7 @@ def save_erasure(path: Path | str, tensors: dict[str, torch.Tensor], *, method: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "method": method, "concept": concept, "base": base, "settings": json.dumps(settings, sort_keys=True)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_atomic({k: v.detach().cpu() for k, v in tensors.items()}, path, metadata)
     return path
 
 

@@ -93,6 +93,11 @@ def parameter_group(unet: torch.nn.Module, group: str) -> dict[str, torch.nn.Par
     return chosen
 
 
+def template_prompts(words) -> tuple[str, ...]:
+    """UCE's prompt templates around each word: "circle" -> "circle", "a circle", "a photo of a circle", ..."""
+    return tuple(template.format(word) for word in words for template in TEMPLATES)
+
+
 @dataclass(frozen=True)
 class UnlearnSettings:
     """What to erase and how. Empty group/steps/lr take the method's defaults (`_DEFAULTS`).
@@ -137,7 +142,7 @@ class UnlearnSettings:
         if self.method not in METHODS:
             raise ValueError(f"unknown unlearning method {self.method!r}; choose one of {', '.join(METHODS)}")
         group, steps, lr = _DEFAULTS[self.method]
-        contexts = self.contexts or tuple(t.format(self.concept) for t in TEMPLATES)
+        contexts = self.contexts or template_prompts([self.concept])
         return replace(self, group=self.group or group, steps=self.steps or steps, lr=self.lr or lr, contexts=contexts)
 
 
@@ -240,6 +245,9 @@ class _Trainer:
         self.step, self.losses, self.masks = 0, [], None
         self.contexts = list(settings.contexts)
         self.context_text = _texts(pipe, self.contexts, self.side)
+        self.concept_columns = torch.zeros(len(self.contexts), self.context_text.embeds.shape[1], dtype=torch.bool)
+        for row, prompt in enumerate(self.contexts):
+            self.concept_columns[row, pipeline_word_tokens(pipe, prompt, settings.concept)] = True
         self.guide_text = _texts(pipe, _guided(settings, self.contexts), self.side)
         self.forget = self.forget_rows = self.retain = None
         if settings.method == "salun":
@@ -264,19 +272,12 @@ class _Trainer:
             rows = torch.arange(len(latents)) // s.images_per_prompt
         return latents, rows
 
-    def _columns(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per chosen context, True at the concept's tokens."""
-        columns = torch.zeros(len(rows), self.context_text.embeds.shape[1], dtype=torch.bool)
-        for i, row in enumerate(rows.tolist()):
-            columns[i, pipeline_word_tokens(self.pipe, self.contexts[row], self.settings.concept)] = True
-        return columns.to(self.accelerator.device)
-
     def _sample(self, count: int, total: int) -> torch.Tensor:
         return torch.randint(0, total, (count,), generator=self.generator)
 
     def _predict(self, latents: torch.Tensor, t: torch.Tensor, text: TextConditioning, trained: bool = True) -> torch.Tensor:
+        """The trained copy's prediction (the frozen pipeline's with trained=False); texts are encoded on the device already."""
         device = self.accelerator.device
-        text = TextConditioning(*(None if x is None else x.to(device) for x in (text.embeds, text.pooled, text.time_ids)))
         return unet_output(self.pipe, latents.to(device), t.to(device), text, unet=self.model if trained else None)
 
     def _esd_loss(self) -> torch.Tensor:
@@ -310,7 +311,6 @@ class _Trainer:
         with torch.no_grad():
             latents = pipe(prompt, num_inference_steps=s.sample_steps, guidance_scale=s.start_guidance, latents=start,
                            height=self.side, width=self.side, output_type="latent", callback_on_step_end=halt).images
-        pipe.scheduler.set_timesteps(s.sample_steps)
         return latents
 
     def _forget_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -321,7 +321,7 @@ class _Trainer:
 
     def _fmn_loss(self) -> torch.Tensor:
         x, _, t, rows = self._forget_batch()
-        capture = ConceptAttention(self._columns(rows))
+        capture = ConceptAttention(self.concept_columns[rows].to(self.accelerator.device))
         with attach(self.accelerator.unwrap_model(self.model), capture):
             self._predict(x, t, self.context_text.take(rows.tolist()))
         return capture.take()

@@ -11,7 +11,6 @@ from pipelines.uce import erase_pairs, replace_word, uce_edit
 from pipelines.unlearn import CHECKPOINT, UnlearnSettings, erase, esd_target, parameter_group, unlearn
 from shapes.judge import read_objects
 from tests.architectures import ARCHITECTURES
-from xattn.attach import attach
 from xattn.controller import explicit_probs
 from xattn.resteer import ConceptAttention, resteer_loss
 from xattn.sites import Layer, Site

@@ -24,7 +24,8 @@ from pipelines.guidance import compose
 from pipelines.inversion import METHODS as INVERSIONS
 from pipelines.inversion import invert, reconstruct
 from pipelines.loading import load_pipeline, model_label
-from pipelines.unlearn import TEMPLATES, UnlearnSettings, erase
+from pipelines.unlearn import METHODS as ERASERS
+from pipelines.unlearn import UnlearnSettings, erase, template_prompts
 from xattn import trace
 from xattn.heatmap import grid, overlay
 from xattn.sites import cross_resolutions
@@ -33,7 +34,6 @@ from xattn.tokens import prompt_words
 MAX_WEIGHTS = 12
 UPLOAD_LIMIT = "8mb"
 EDIT_MODES = ["auto", "replace", "refine", "reweight"]
-ERASE_METHODS = ["uce", "esd-x", "esd-x-strict", "esd-u", "fmn", "salun"]
 
 
 def readable(handler):
@@ -142,7 +142,7 @@ class Handlers:
         kept = [w.strip() for w in (preserve or "").split(",") if w.strip()]
         shown = [p.strip() for p in (prompts or "").split(";") if p.strip()] or [f"a {concept}"]
         settings = UnlearnSettings(method=method, concept=concept.strip(), guide=(guide or "").strip(),
-                                   preserve=tuple(t.format(w) for w in kept for t in TEMPLATES), steps=int(steps), seed=int(seed))
+                                   preserve=template_prompts(kept), steps=int(steps), seed=int(seed))
         before = [generate(self.pipe, GenerationSettings(p, seed=int(seed)))[0] for p in shown]
         path = erase(self.pipe, settings, Path(tempfile.mkdtemp(prefix="xattn-erase-")), self.model)
         with load_erasure(self.pipe, path):
@@ -279,7 +279,7 @@ def build_app(pipe, model: str = "embedded") -> gr.Blocks:
         with gr.Tab("Erase"):
             with gr.Row():
                 concept = gr.Textbox(label="Concept to erase", value="circle")
-                erase_method = gr.Dropdown(ERASE_METHODS, value="uce", label="Method")
+                erase_method = gr.Dropdown(list(ERASERS), value="uce", label="Method")
                 guide = gr.Textbox(label="Guide (what it turns into; empty: nothing)", value="square")
             with gr.Row():
                 preserve = gr.Textbox(label="Preserve (comma-separated words; uce and salun)", value="square,triangle")

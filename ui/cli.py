@@ -142,9 +142,9 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from pipelines.loading import load_pipeline, model_label
-    from pipelines.unlearn import TEMPLATES, UnlearnSettings, erase
+    from pipelines.unlearn import UnlearnSettings, erase, template_prompts
 
-    preserve = tuple(template.format(word) for word in _words(args.preserve) for template in TEMPLATES)
+    preserve = template_prompts(_words(args.preserve))
     settings = UnlearnSettings(method=args.method, concept=args.concept, guide=args.guide, contexts=tuple(args.contexts or ()),
                                preserve=tuple(args.preserve_prompts or ()) + preserve, steps=args.steps, lr=args.lr, seed=args.seed)
     images = None
@@ -192,6 +192,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.guidance import METHODS as GUIDANCE
+    from pipelines.unlearn import METHODS as UNLEARNING
+
     parser = argparse.ArgumentParser(prog="xattn", description="Record, visualise and rewrite cross-attention in diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -237,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     compose = commands.add_parser("compose", help="generate with attention-loss guidance (A-STAR, Attend-and-Excite) so every concept appears")
     compose.add_argument("prompt")
     compose.add_argument("--concepts", required=True, help="comma-separated words (or phrases) of the prompt, e.g. circle,square")
-    compose.add_argument("--method", default="astar", choices=["astar", "attend-excite", "none"],
+    compose.add_argument("--method", default="astar", choices=GUIDANCE,
                          help="astar: segregation + retention losses; attend-excite: the neglected concept's peak; none: plain")
     _add_generation_options(compose)
     compose.add_argument("--num", type=int, default=1, help="how many images (one folder each when more than one)")
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     unlearn = commands.add_parser("unlearn", help="erase a concept from the model: writes OUT/erase-<concept>-<method>.safetensors")
     unlearn.add_argument("--concept", required=True, help="the word(s) to erase, e.g. circle")
-    unlearn.add_argument("--method", default="uce", choices=["esd-x", "esd-x-strict", "esd-u", "fmn", "salun", "uce"],
+    unlearn.add_argument("--method", default="uce", choices=UNLEARNING,
                          help="uce: closed form, seconds; esd-*: ESD's parameter groups; fmn: Forget-Me-Not; salun: SalUn (needs --preserve)")
     unlearn.add_argument("--guide", default="", help="what the concept turns into (UCE's guide, ESD's anchor, SalUn's replacement); default: nothing")
     unlearn.add_argument("--preserve", help="comma-separated words to keep (prompted as UCE's templates: 'a photo of a WORD', ...)")
