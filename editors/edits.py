@@ -58,20 +58,24 @@ def fused_outputs(edits: Sequence[CrossEdit], query, key, value, mask=None) -> t
     """The source row's output and P' V for each target, from (rows, heads, queries|tokens, dim) tensors.
 
     Row 0 is the source, row i the target of edits[i - 1]. Every term that reads the source's map
-    shares one SDPA call, the values side by side: softmax(Q_src K_src^T) [V_src, A_1 V_1, ...].
-    The targets that keep some of their own attention share one more. A swap thus costs a single
-    fused call for the source and all its targets.
+    is one row of a single SDPA call: the source's queries and keys, repeated, with values
+    [V_src, A_1 V_1, ...]. (Putting those values side by side in one row would save the repeat,
+    but a value width other than the query's sends PyTorch to its slow math kernel.) The targets
+    that keep some of their own attention share one more call. A swap thus costs one fused call
+    over its rows, as generation does.
     """
-    dim = value.shape[-1]
-    shared = torch.cat([value[0]] + [edit.source.to(v) @ v for edit, v in zip(edits, value[1:])], dim=-1)
-    outputs = list(F.scaled_dot_product_attention(query[0], key[0], shared, attn_mask=None if mask is None else mask[0]).split(dim, dim=-1))
+    rows = len(edits) + 1
+    shared = torch.stack([value[0]] + [edit.source.to(v) @ v for edit, v in zip(edits, value[1:])])
+    repeat = (rows, -1, -1, -1)
+    outputs = F.scaled_dot_product_attention(
+        query[:1].expand(repeat), key[:1].expand(repeat), shared, attn_mask=None if mask is None else mask[:1].expand(rows, *mask.shape[1:])
+    )
     own = [i for i, edit in enumerate(edits, start=1) if edit.own.any()]
-    if own:
-        scaled = torch.stack([edits[i - 1].own.to(value)[:, None] * value[i] for i in own])
-        extra = F.scaled_dot_product_attention(query[own], key[own], scaled, attn_mask=None if mask is None else mask[own])
-        for i, term in zip(own, extra):
-            outputs[i] = outputs[i] + term
-    return torch.stack(outputs)
+    if not own:
+        return outputs
+    scaled = torch.stack([edits[i - 1].own.to(value)[:, None] * value[i] for i in own])
+    extra = F.scaled_dot_product_attention(query[own], key[own], scaled, attn_mask=None if mask is None else mask[own])
+    return outputs.index_add(0, torch.tensor(own, device=outputs.device), extra)
 
 
 def edited_probs(edit: CrossEdit, p_src: torch.Tensor, p_tgt: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ class PromptToPrompt(Controller):
             raise ValueError(f"{len(edits)} edits but {schedules.shape[0]} schedules; give one per target prompt")
         self.edits = list(edits)
         self.schedules = schedules
+        self._injecting = schedules.any(0).tolist()  # per step: does any target take source attention (asked per layer call)
         self.self_window = self_window
         self.self_resolution = self_resolution
         self.blend = blend
@@ -64,7 +65,7 @@ class PromptToPrompt(Controller):
             raise ValueError(f"this edit was scheduled for {self.steps} steps; the pipeline is at step {site.step}")
         if site.kind == "self":
             return self.self_window[0] <= site.step < self.self_window[1] and max(site.resolution) <= self.self_resolution
-        return self.explicit or self._records(site) or bool(self.schedules[:, site.step].any())
+        return self.explicit or self._records(site) or self._injecting[site.step]
 
     def _records(self, site: Site) -> bool:
         return self.blend is not None and max(site.resolution) == self.blend.side
@@ -92,10 +93,11 @@ class PromptToPrompt(Controller):
         return self._step_edits[1]
 
     def _inject_self(self, query, key, value, mask):
-        """Every row takes the source's self-attention map: one fused call over the rows' values side by side."""
-        shared = torch.cat(list(value), dim=-1)
-        out = F.scaled_dot_product_attention(query[0], key[0], shared, attn_mask=None if mask is None else mask[0])
-        return torch.stack(out.split(value.shape[-1], dim=-1))
+        """Every row takes the source's self-attention map: one fused call, the source's queries and keys repeated per row."""
+        repeat = (value.shape[0], -1, -1, -1)
+        return F.scaled_dot_product_attention(
+            query[:1].expand(repeat), key[:1].expand(repeat), value, attn_mask=None if mask is None else mask[:1].expand(value.shape[0], *mask.shape[1:])
+        )
 
     def _record(self, site: Site, source_probs: torch.Tensor, target_probs: list[torch.Tensor]) -> None:
         """Add this layer's blend-word maps (summed over the words' tokens, mean over heads) to the running sums."""

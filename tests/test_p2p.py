@@ -47,6 +47,22 @@ def test_fused_equals_explicit_without_guidance(arch):
     assert np.abs(np.stack(prompt_to_prompt(arch, **options).images) - np.stack(prompt_to_prompt(arch, **options, explicit=True).images)).max() < 1e-5
 
 
+def _sdpa_kernels(run) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+
+
+def test_fused_edits_stay_on_the_fused_kernel(shapes_pipe):
+    """Every fused edit keeps SDPA on the kernel plain generation uses: values wider than the
+    queries (e.g. several rows' values side by side) would send it to the slow math kernel."""
+    stock = _sdpa_kernels(lambda: shapes_pipe(SWAP, num_inference_steps=2, output_type="np"))
+    assert stock and not any("math" in k for k in stock)
+    for case in CASES.values():
+        options = dict(case, steps=2, output_type="np", self_steps=1.0, self_resolution=16)
+        assert _sdpa_kernels(lambda: prompt_to_prompt(shapes_pipe, **options)) <= stock
+
+
 def test_source_is_plain_generation_and_no_injection_is_plain_generation_of_the_target(shapes_pipe):
     prompts = ["a red circle", "a red square"]
     common = dict(num_inference_steps=5, guidance_scale=5.0, output_type="np")

@@ -77,6 +77,13 @@ def _layout_from_encode_prompt(signature: inspect.Signature, args, kwargs) -> Ba
     return BatchLayout(prompts, int(bound.get("num_images_per_prompt") or 1), bool(bound.get("do_classifier_free_guidance", True)))
 
 
+def _attention_modules(unet) -> dict:
+    """The UNet's attention modules under the keys of `unet.attn_processors`, found in one walk of
+    the UNet (reading `attn_processors`, then installing and restoring with `set_attn_processor`,
+    walks it five times: a few milliseconds per `with` block)."""
+    return {f"{name}.processor": module for name, module in unet.named_modules() if hasattr(module, "get_processor")}
+
+
 @contextmanager
 def attach(target, controller: Controller) -> Iterator[CallState]:
     """Attach `controller` to every attention layer of `target` (a diffusers pipeline or UNet)."""
@@ -85,12 +92,14 @@ def attach(target, controller: Controller) -> Iterator[CallState]:
         raise TypeError(f"attach needs a diffusers pipeline with a UNet, or a UNet; got {type(target).__name__}")
     if getattr(unet, _ATTACHED, False):
         raise RuntimeError("a controller is already attached to this UNet; leave the first `with attach(...)` block before attaching another")
-    original = unet.attn_processors
+    layers = _attention_modules(unet)
+    original = {key: module.processor for key, module in layers.items()}
     state = CallState()
     encode = getattr(target, "encode_prompt", None) if target is not unet else None
     hook = unet.register_forward_pre_hook(state.before_unet, with_kwargs=True)
     try:
-        unet.set_attn_processor({key: XAttnProcessor(layer_of(key), controller, state) for key in original})
+        for key, module in layers.items():
+            module.set_processor(XAttnProcessor(layer_of(key), controller, state))
         setattr(unet, _ATTACHED, True)
         if encode is not None:
             signature = inspect.signature(encode)
@@ -103,7 +112,8 @@ def attach(target, controller: Controller) -> Iterator[CallState]:
             target.encode_prompt = encode_prompt
         yield state
     finally:
-        unet.set_attn_processor(dict(original))
+        for key, module in layers.items():
+            module.set_processor(original[key])
         hook.remove()
         if hasattr(unet, _ATTACHED):
             delattr(unet, _ATTACHED)
