@@ -11,7 +11,8 @@ Every edit of the paper gives a target's cross-attention map as
 - an injection schedule at a step: tokens outside their window get A = 0 and b = 1.
 
 So the layer output P' V = SDPA(Q_src, K_src, A V) + SDPA(Q_tgt, K_tgt, b V): fused calls, no
-probabilities in memory. `explicit_output` computes the same thing the slow way, for tests.
+probabilities in memory. `edited_probs` gives P' itself: the explicit reference, recorded maps and local
+blending read it.
 """
 
 from __future__ import annotations
@@ -79,9 +80,5 @@ def fused_outputs(edits: Sequence[CrossEdit], query, key, value, mask=None) -> t
 
 
 def edited_probs(edit: CrossEdit, p_src: torch.Tensor, p_tgt: torch.Tensor) -> torch.Tensor:
-    """P' itself, from explicit (..., queries, tokens) maps: the reference, and what local blending reads."""
+    """P' itself, from explicit (..., queries, tokens) maps: the reference, recorded maps and local blending read it."""
     return p_src @ edit.source.to(p_src) + p_tgt * edit.own.to(p_tgt)
-
-
-def explicit_output(edit: CrossEdit, p_src: torch.Tensor, p_tgt: torch.Tensor, v_tgt: torch.Tensor) -> torch.Tensor:
-    return edited_probs(edit, p_src, p_tgt).to(v_tgt) @ v_tgt

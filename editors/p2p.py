@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from editors.blend import region
-from editors.edits import CrossEdit, edited_probs, explicit_output, fused_outputs
+from editors.edits import CrossEdit, edited_probs, fused_outputs
 from xattn.controller import Controller, explicit_probs
 from xattn.sites import Site
+from xattn.store import AttentionStore
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PromptToPrompt(Controller):
         self_resolution: int,
         blend: BlendTokens | None = None,
         explicit: bool = False,
+        store: AttentionStore | None = None,
     ) -> None:
         if schedules.shape[0] != len(edits):
             raise ValueError(f"{len(edits)} edits but {schedules.shape[0]} schedules; give one per target prompt")
@@ -52,6 +54,7 @@ class PromptToPrompt(Controller):
         self.self_resolution = self_resolution
         self.blend = blend
         self.explicit = explicit
+        self.store = store
         self.blend_maps: torch.Tensor | None = None
         self.subtract_maps: torch.Tensor | None = None
         self._step_edits: tuple[int, list[CrossEdit]] = (-1, [])
@@ -65,7 +68,10 @@ class PromptToPrompt(Controller):
             raise ValueError(f"this edit was scheduled for {self.steps} steps; the pipeline is at step {site.step}")
         if site.kind == "self":
             return self.self_window[0] <= site.step < self.self_window[1] and max(site.resolution) <= self.self_resolution
-        return self.explicit or self._records(site) or self._injecting[site.step]
+        return self._needs_probs(site) or self._injecting[site.step]
+
+    def _needs_probs(self, site: Site) -> bool:
+        return self.explicit or self.store is not None or self._records(site)
 
     def _records(self, site: Site) -> bool:
         return self.blend is not None and max(site.resolution) == self.blend.side
@@ -76,15 +82,18 @@ class PromptToPrompt(Controller):
             raise ValueError(f"the batch has {rows} conditional rows; this edit needs 1 source + {len(self.edits)} target(s), one image each")
         if site.kind == "self":
             return self._inject_self(query, key, value, mask)
-        probs = explicit_probs(query, key, mask, site.scale) if self.explicit or self._records(site) else None
         now = self._edits_at(site.step)
+        if not self._needs_probs(site):
+            return fused_outputs(now, query, key, value, mask)
+        probs = explicit_probs(query, key, mask, site.scale)
+        edited = [edited_probs(e, probs[0], probs[i]) for i, e in enumerate(now, start=1)]
+        if self.store is not None:
+            self.store.record(site, torch.stack([probs[0], *edited]))
+        if self._records(site):
+            self._record(site, probs[0], edited)
         if self.explicit:
-            out = torch.stack([probs[0].to(value) @ value[0]] + [explicit_output(e, probs[0], probs[i], value[i]) for i, e in enumerate(now, start=1)])
-        else:
-            out = fused_outputs(now, query, key, value, mask)
-        if probs is not None and self._records(site):
-            self._record(site, probs[0], [edited_probs(e, probs[0], probs[i]) for i, e in enumerate(now, start=1)])
-        return out
+            return torch.stack([probs[0].to(value) @ value[0]] + [p.to(value) @ v for p, v in zip(edited, value[1:])])
+        return fused_outputs(now, query, key, value, mask)
 
     def _edits_at(self, step: int) -> list[CrossEdit]:
         """Each target's edit with this step's schedule applied, made once per step for all layers."""

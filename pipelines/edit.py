@@ -27,16 +27,22 @@ from pipelines.generate import check_size
 from pipelines.inversion import Inversion
 from xattn.attach import attach
 from xattn.sites import nearest_cross_side
+from xattn.store import AttentionStore
 from xattn.tokens import pipeline_word_tokens, word_tokens
+from xattn.trace import Trace
 
 Edit = Swap | Refine | Reweight
 
 
 @dataclass
 class EditResult:
+    """The images (source first), the prompts and edits, and with `maps=True` each image's
+    cross-attention as the edit used it: `result.maps.word_maps(image=1)`."""
+
     images: list
     prompts: list[str]
     edits: list[Edit]
+    maps: Trace | None = None
 
 
 def _blend_tokens(pipe, prompts: list[str], spec: LocalBlend, latent: tuple[int, int]) -> BlendTokens:
@@ -68,6 +74,7 @@ def prompt_to_prompt(
     output_type: str = "pil",
     explicit: bool = False,
     inversion: Inversion | None = None,
+    maps: bool = False,
 ) -> EditResult:
     """Generate prompts[0] (the source) and edit it into prompts[1:] (the targets).
 
@@ -78,6 +85,9 @@ def prompt_to_prompt(
     self_resolution (default: a quarter of the latent side, the paper's 16 at 512 px).
     inversion: edit a real image (`pipelines.inversion.invert`) instead of generating the source;
     prompts[0] must be its caption, and sampling is DDIM from its inverted latent (seed unused).
+    maps: also record every image's cross-attention maps, a target's as the edit made them (its
+    injected map P', not the one it would have drawn alone); this costs explicit probabilities
+    in the cross-attention layers, as `xattn.trace` does.
     """
     prompts = list(prompts)
     if len(prompts) < 2:
@@ -107,7 +117,8 @@ def prompt_to_prompt(
     self_window = window(self_steps, steps, "self-attention schedule")
     tokens = _blend_tokens(pipe, prompts, blend, latent) if blend is not None and blend.mask is None else None
     blend_start = window(blend.start, steps, "blend start")[1] if blend is not None else steps
-    controller = PromptToPrompt(cross, schedules, self_window, self_resolution or max(1, max(latent) // 4), tokens, explicit)
+    store = AttentionStore() if maps else None
+    controller = PromptToPrompt(cross, schedules, self_window, self_resolution or max(1, max(latent) // 4), tokens, explicit, store)
 
     fixed_region = user_region(blend.mask, latent) if blend is not None and blend.mask is not None else None
 
@@ -124,7 +135,7 @@ def prompt_to_prompt(
         start, inputs = randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=generator, dtype=pipe.unet.dtype), {}
     else:
         start, inputs = inversion.start.to(pipe.unet.dtype), inversion.pipeline_inputs(pipe, len(prompts))
-    with attach(pipe, controller), ddim_sampling(pipe) if inversion is not None else nullcontext():
+    with attach(pipe, controller) as state, ddim_sampling(pipe) if inversion is not None else nullcontext():
         images = pipe(
             prompts,
             num_inference_steps=steps,
@@ -137,7 +148,7 @@ def prompt_to_prompt(
             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
             **inputs,
         ).images
-    return EditResult(list(images), prompts, edits)
+    return EditResult(list(images), prompts, edits, Trace(pipe, store, state) if store is not None else None)
 
 
 def parse_window(text: str) -> Window:

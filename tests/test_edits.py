@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
-from editors.edits import CrossEdit, edited_probs, explicit_output, fused_outputs, refine, reweight, swap
+from editors.edits import CrossEdit, edited_probs, fused_outputs, refine, reweight, swap
 from editors.schedules import token_schedule, window, word_windows
 from shapes import MODEL_PATH
 from xattn.align import align, refine_mapper, segments, swap_mapper, swapped_words
@@ -122,7 +122,7 @@ def _rows(count: int):
 def test_fused_outputs_equal_the_explicit_reference(edits):
     query, key, value = _rows(len(edits))
     probs = _probs(query, key)
-    reference = [probs[0] @ value[0]] + [explicit_output(e, probs[0], probs[i], value[i]) for i, e in enumerate(edits, start=1)]
+    reference = [probs[0] @ value[0]] + [edited_probs(e, probs[0], probs[i]) @ value[i] for i, e in enumerate(edits, start=1)]
     assert torch.allclose(fused_outputs(edits, query, key, value), torch.stack(reference), atol=1e-6)
 
 

@@ -74,6 +74,25 @@ def test_source_is_plain_generation_and_no_injection_is_plain_generation_of_the_
     assert np.abs(injected[1] - plain[0]).mean() < 0.8 * np.abs(plain[1] - plain[0]).mean()  # closer to the source than without injection
 
 
+def test_maps_are_the_attention_each_image_used(shapes_pipe):
+    prompts = ["a red circle", "a red square"]
+    common = dict(seed=7, steps=4, output_type="np", self_steps=0)
+    plain = prompt_to_prompt(shapes_pipe, prompts, cross_steps=1.0, **common).images
+    injected = prompt_to_prompt(shapes_pipe, prompts, cross_steps=1.0, maps=True, **common)
+    assert np.abs(np.stack(injected.images) - np.stack(plain)).max() < 1e-6  # recording changes nothing
+    source = injected.maps.word_maps(image=0, normalise="none")
+    target = injected.maps.word_maps(image=1, normalise="none")
+    assert list(target) == ["a", "red", "square"]
+    for word, swapped in (("a", "a"), ("red", "red"), ("circle", "square")):  # injected at every step: the source's maps
+        assert np.abs(target[swapped] - source[word]).max() < 1e-6
+    own = prompt_to_prompt(shapes_pipe, prompts, cross_steps=0, maps=True, **common).maps
+    with xattn.trace(shapes_pipe) as tc:
+        shapes_pipe("a red square", num_inference_steps=4, guidance_scale=5.0, latents=torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7)))
+    alone = tc.word_maps(image=0, normalise="none")
+    drawn = own.word_maps(image=1, normalise="none")
+    assert np.abs(drawn["square"] - alone["square"]).max() < 1e-4 and np.abs(drawn["square"] - source["circle"]).max() > 1e-2
+
+
 def test_local_blend_keeps_the_source_latent_outside_the_mask(shapes_pipe):
     mask = np.zeros((64, 64))
     mask[16:48, 16:48] = 1  # latent cells 4..11

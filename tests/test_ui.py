@@ -60,7 +60,7 @@ def test_edit_swaps_the_word_and_reports_the_edit(client):
     sheet, gallery, note = client.predict("a red circle", "a red square", "auto", "", "0.8", "0.4", 3, 25, 5.0,
                                           *([1.0] * 12), api_name="/edit")
     assert note == "edit: replace (word swap)"
-    assert [item["caption"] for item in gallery] == ["a", "red", "circle"]  # the source's maps, which the edit injects
+    assert [item["caption"] for item in gallery] == ["source: a", "source: red", "source: circle", "target: a", "target: red", "target: square"]
     assert match_caption(tile(sheet, 0, 256), "a red circle").ok and match_caption(tile(sheet, 1, 256), "a red square").ok
     with pytest.raises(Exception, match="swap"):
         client.predict("a red circle", "a big red square", "replace", "", "0.8", "0.4", 0, 5, 5.0, *([1.0] * 12), api_name="/edit")
@@ -73,7 +73,10 @@ def test_real_image_is_inverted_and_edited(client, tmp_path):
     sheet, gallery, note = client.predict(handle_file(str(path)), scene.caption, "direct", scene.caption.replace("circle", "square", 1),
                                           "auto", "", "0.8", "0.4", 25, 5.0, *([1.0] * 12), api_name="/real_image")
     target = scene.caption.replace("circle", "square", 1)
-    assert note == "edit: replace (word swap)" and [item["caption"] for item in gallery] == ["a", "blue", "circle", "above", "a#2", "yellow", "circle#2"]
+    source = ["a", "blue", "circle", "above", "a#2", "yellow", "circle#2"]
+    edited = ["a", "blue", "square", "above", "a#2", "yellow", "circle"]
+    assert note == "edit: replace (word swap)"
+    assert [item["caption"] for item in gallery] == [f"source: {w}" for w in source] + [f"target: {w}" for w in edited]
     assert picture(sheet).shape[1] == 3 * 256 and match_caption(tile(sheet, 2, 256), target).ok
     with pytest.raises(Exception, match="upload an image first"):
         client.predict(None, "a red circle", "direct", "a red square", "auto", "", "0.8", "0.4", 5, 5.0, *([1.0] * 12),

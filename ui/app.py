@@ -22,7 +22,7 @@ from pipelines.erasure import load_erasure
 from pipelines.generate import GenerationSettings, check_size, generate
 from pipelines.guidance import compose
 from pipelines.inversion import METHODS as INVERSIONS
-from pipelines.inversion import invert, reconstruct
+from pipelines.inversion import invert
 from pipelines.loading import load_pipeline, model_label
 from pipelines.unlearn import METHODS as ERASERS
 from pipelines.unlearn import UnlearnSettings, erase, template_prompts
@@ -54,8 +54,8 @@ def words_of(pipe, prompt: str) -> list[str]:
     return list(dict.fromkeys(w.text for w in prompt_words(pipe.tokenizer, prompt or "") if w.tokens))
 
 
-def _gallery(image: Image.Image, maps: dict[str, np.ndarray]) -> list[tuple[Image.Image, str]]:
-    return [(overlay(image, heat).resize((256, 256), Image.Resampling.NEAREST), word) for word, heat in maps.items()]
+def _gallery(image: Image.Image, maps: dict[str, np.ndarray], label: str = "") -> list[tuple[Image.Image, str]]:
+    return [(overlay(image, heat).resize((256, 256), Image.Resampling.NEAREST), label + word) for word, heat in maps.items()]
 
 
 def _big(image: Image.Image) -> Image.Image:
@@ -91,8 +91,8 @@ class Handlers:
 
     def edit(self, source: str, target: str, mode: str, weights: dict[str, float], blend: str, cross: str, self_steps: str,
              seed: float, steps: float, guidance: float, inversion=None, progress=gr.Progress(track_tqdm=True)):
-        """Prompt-to-Prompt from SOURCE (or a real image's inversion) to TARGET: side by side, and the source's maps,
-        which the edit injects into the target (traced on a redraw of the source: the same image, exactly)."""
+        """Prompt-to-Prompt from SOURCE (or a real image's inversion) to TARGET: side by side, and both images' word
+        maps as the edit drew them (the target's are the maps injected from the source, where the edit injects)."""
         if not (source or "").strip() or not (target or "").strip():
             raise ValueError("give both a source and a target prompt")
         weights = {w: s for w, s in weights.items() if s != 1.0}
@@ -101,17 +101,13 @@ class Handlers:
         spec = blend_for(self.pipe.tokenizer, source, target, blend_words) if blend_words else None
         result = prompt_to_prompt(self.pipe, [source, target], edit, cross_steps=parse_window(cross),
                                   self_steps=parse_window(self_steps), blend=spec, steps=int(steps), guidance=guidance,
-                                  seed=int(seed), inversion=inversion)
+                                  seed=int(seed), inversion=inversion, maps=True)
         first, second = result.images
-        with trace(self.pipe) as tc:
-            if inversion is None:
-                generate(self.pipe, GenerationSettings(source, seed=int(seed), steps=int(steps), guidance=guidance))
-            else:
-                reconstruct(self.pipe, inversion)
         shown = [first, second] if inversion is None else [inversion.image, first, second]
         labels = ["source", "target"] if inversion is None else ["input", "redrawn", "edited"]
         sheet = grid(shown, labels, columns=len(shown), scale=max(1, 256 // first.size[0]))
-        return sheet, _gallery(first, tc.word_maps()), f"edit: {describe(edit)}"
+        gallery = _gallery(first, result.maps.word_maps(image=0), "source: ") + _gallery(second, result.maps.word_maps(image=1), "target: ")
+        return sheet, gallery, f"edit: {describe(edit)}"
 
     def real_image(self, image: Image.Image | None, caption: str, method: str, target: str, mode: str, weights: dict[str, float],
                    blend: str, cross: str, self_steps: str, steps: float, guidance: float,
@@ -225,7 +221,7 @@ def build_app(pipe, model: str = "embedded") -> gr.Blocks:
                 edit_steps, edit_guidance = _sampling()
             sliders = _weight_row(pipe, target)
             edit_run, edit_note, side_by_side, edit_maps = _edit_results("Edit", "edit", "Side by side",
-                                                                         "Source's heat maps (what the edit injects)")
+                                                                         "Heat maps as the edit drew them (source, then target)")
 
             def do_edit(source, target, mode, blend, cross, self_window, seed, steps, guidance, *values,
                         progress=gr.Progress(track_tqdm=True)):
