@@ -87,6 +87,15 @@ def test_edit_writes_source_target_and_side_by_side_and_says_which_edit(tmp_path
     assert refine.returncode == 0 and "edit: reweight (blue=2) on refine (added words)" in refine.stderr
 
 
+def test_edit_writes_the_maps_the_edit_drew(tmp_path):
+    result = xattn("edit", "a red circle", "a red square", "--steps", "3", "--cross-steps", "1.0", "--maps", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    source, target = np.load(tmp_path / "maps-source" / "maps.npz"), np.load(tmp_path / "maps-target" / "maps.npz")
+    assert sorted(source.files) == ["a", "circle", "red"] and sorted(target.files) == ["a", "red", "square"]
+    assert np.abs(target["square"] - source["circle"]).max() < 1e-5  # injected at every step: the source's map
+    assert (tmp_path / "maps-target" / "grid.png").exists() and str(tmp_path / "maps-target" / "maps.npz") in result.stdout
+
+
 def test_edit_explains_bad_input(tmp_path):
     swap = xattn("edit", "a red circle", "a big red circle", "--mode", "replace", "--out", str(tmp_path))
     assert swap.returncode == 2 and "same number of words" in swap.stderr and "refine" in swap.stderr and "Traceback" not in swap.stderr

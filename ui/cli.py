@@ -61,6 +61,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
     from pipelines.generate import save_png
     from pipelines.loading import load_pipeline, model_label
+    from pipelines.maps import write_maps
     from xattn.heatmap import grid
 
     weights = {}
@@ -77,7 +78,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     inversion = _invert(pipe, args, args.source) if args.image else None
     result = prompt_to_prompt(pipe, [args.source, args.target], edit, cross_steps=parse_window(args.cross_steps),
                               self_steps=parse_window(args.self_steps), blend=blend, steps=args.steps,
-                              guidance=args.guidance, seed=args.seed, inversion=inversion)
+                              guidance=args.guidance, seed=args.seed, inversion=inversion, maps=args.maps)
     meta = {"source": args.source, "target": args.target, "edit": describe(edit), "cross_steps": args.cross_steps,
             "self_steps": args.self_steps, "blend": ",".join(args.blend or []), "seed": args.seed, "steps": args.steps,
             "guidance": args.guidance, "model": model_label(args.model)}
@@ -92,6 +93,10 @@ def cmd_edit(args: argparse.Namespace) -> None:
     sheet = grid(shown, labels, columns=3, scale=max(1, 256 // source.size[0]))
     for name, image in (("source.png", source), ("target.png", target), ("side-by-side.png", sheet)):
         print(save_png(image, out / name, meta))
+    if args.maps:
+        for index, (name, image) in enumerate((("source", source), ("target", target))):
+            for path in write_maps(out / f"maps-{name}", image, result.maps.word_maps(image=index), meta):
+                print(path)
 
 
 def _invert(pipe, args: argparse.Namespace, caption: str):
@@ -223,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--blend", nargs="+", metavar="WORD", help="local blending: change only where these words attend")
     edit.add_argument("--cross-steps", default="0.8", help="cross-attention injection: fraction, step count, or start,end")
     edit.add_argument("--self-steps", default="0.4", help="self-attention injection: fraction, step count, or start,end")
+    edit.add_argument("--maps", action="store_true", help="also write both images' word maps as the edit drew them (maps-source/, maps-target/)")
     _add_generation_options(edit)
     edit.add_argument("--image", help="edit this real image instead of generating SOURCE, which is then its caption")
     _add_inversion_options(edit)
