@@ -245,7 +245,7 @@ def build_app(pipe, model: str = "embedded") -> gr.Blocks:
                 real_steps, real_guidance = _sampling()
             real_sliders = _weight_row(pipe, real_target)
             real_run, real_note, real_sheet, real_maps = _edit_results("Invert and edit", "real", "Input, redrawn, edited",
-                                                                       "Input's heat maps (what the edit injects)")
+                                                                       "Heat maps as the edit drew them (redrawn input, then edited)")
 
             def do_real(image, caption, method, target, mode, blend, cross, self_window, steps, guidance, *values,
                         progress=gr.Progress(track_tqdm=True)):
