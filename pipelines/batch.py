@@ -18,8 +18,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,7 +286,8 @@ def run_batch(
         try:
             extra = {}
             if group[0].kind == "generate":
-                with _erased(pipe, group[0].params.get("erasure")):
+                erasure = group[0].params.get("erasure")
+                with load_erasure(pipe, erasure) if erasure else nullcontext():
                     _generate_many(pipe, group, works, model)
             else:
                 extra = RUNNERS[group[0].kind](pipe, group[0], works[group[0].id], model) or {}
@@ -309,7 +310,7 @@ def run_batch(
                 summary.failed[job.id] = error
             bar.update()
     bar.close()
-    return _gather(out, jobs, summary, model, state)
+    return _gather(out, jobs, summary, model, versions, state)
 
 
 def _next_group(pending: list[Job], batch_size: int) -> list[Job]:
@@ -331,17 +332,7 @@ def _batch_key(job: Job) -> tuple:
     return (p.get("steps", 25), float(p.get("guidance", 5.0)), p.get("size"), p.get("erasure"))
 
 
-@contextmanager
-def _erased(pipe: DiffusionPipeline, path: str | None) -> Iterator[None]:
-    """An erasure file applied for a block (nothing when None)."""
-    if not path:
-        yield
-        return
-    with load_erasure(pipe, path):
-        yield
-
-
-def _gather(out: Path, jobs: list[Job], summary: Summary, model: str, state: PartialState) -> Summary:
+def _gather(out: Path, jobs: list[Job], summary: Summary, model: str, versions: dict[str, str], state: PartialState) -> Summary:
     """Every process's summary, merged; the main process writes OUT/manifest.json (every job's status)."""
     part = out / f".summary-{state.process_index}.json"
     _write_json(part, {"done": summary.done, "skipped": summary.skipped, "failed": summary.failed})
@@ -361,7 +352,7 @@ def _gather(out: Path, jobs: list[Job], summary: Summary, model: str, state: Par
                 record = read_record(out, job.id)
                 entries.append({"id": job.id, "kind": job.kind, "line": job.line, "status": record["status"] if record else "missing"})
         entries += [{"id": p.id, "line": p.line, "status": "invalid", "reason": p.reason} for p in whole.invalid]
-        _write_json(out / MANIFEST, {"model": model, "versions": _versions(), "jobs": entries})
+        _write_json(out / MANIFEST, {"model": model, "versions": versions, "jobs": entries})
         for k in range(state.num_processes):
             (out / f".summary-{k}.json").unlink()
     return whole
