@@ -242,8 +242,13 @@ def word_classes(ids: torch.Tensor, special: tuple[int, ...]) -> torch.Tensor:
     return lookup
 
 
-def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor], scaling: float, tokenizer: CLIPTokenizer):
-    """Stage 3: UNet + text encoder with attention supervision and word identity; returns the EMA-weighted modules."""
+def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor], scaling: float, tokenizer: CLIPTokenizer, eager: bool = False):
+    """Stage 3: UNet + text encoder with attention supervision and word identity; returns the EMA-weighted modules.
+
+    The forward pass and losses run under `torch.compile` (0.57 s a step against 0.67 s eager on
+    two CPU cores, after about 90 s of compiling); `eager` skips it for runs of a few steps. Only a
+    function is compiled, not the modules, so checkpoint keys stay those of the plain modules.
+    """
     torch.manual_seed(settings.seed)
     unet, text_encoder = architecture.build_unet(), architecture.build_text_encoder()
     scheduler = architecture.train_scheduler()
@@ -270,6 +275,14 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         opt.load_state_dict(opt_state["optimizer"])
         torch.set_rng_state(opt_state["rng"])
         start = int(opt_state["step"])
+
+    def losses(noisy, t, ids, velocity, masks, words, objects):
+        sink.clear()
+        states = text_encoder(ids)[0]
+        denoise = F.mse_loss(unet(noisy, t, states).sample, velocity)
+        return denoise, attention_loss(sink, masks, words, objects), identity_loss(states, classes[ids], identity.weight)
+
+    step_losses = losses if eager else torch.compile(losses)
     empty = torch.tensor(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids)
     n = data["latents"].shape[0]
     log = open(work / "train-log.jsonl", "a")
@@ -284,13 +297,8 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (settings.batch,))
         noisy = scheduler.add_noise(latents, noise, t)
-        sink.clear()
-        states = text_encoder(ids)[0]
-        pred = unet(noisy, t, states).sample
-        denoise = F.mse_loss(pred, scheduler.get_velocity(latents, noise, t))
         objects = (data["valid"][index] & ~dropped[:, None, None]).float()
-        attend = attention_loss(sink, data["masks"][index], data["words"][index], objects)
-        naming = identity_loss(states, classes[ids], identity.weight)
+        denoise, attend, naming = step_losses(noisy, t, ids, scheduler.get_velocity(latents, noise, t), data["masks"][index], data["words"][index], objects)
         loss = denoise + settings.attention_weight * attend + settings.identity_weight * naming
         lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / settings.steps))
         for group in opt.param_groups:
@@ -364,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/shapes"), help="checkpoints and caches (resume from here)")
     parser.add_argument("--wheel", type=Path, help="open_clip_torch wheel for the tokenizer (downloaded when absent)")
     parser.add_argument("--tokenizer", type=Path, help="an already built CLIP tokenizer folder (e.g. shapes/model/tokenizer)")
+    parser.add_argument("--eager", action="store_true", help="skip torch.compile of the denoiser step (for runs of a few steps)")
     for name, value in asdict(Settings()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -376,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     vae = train_vae(settings, args.work)
     data = build_dataset(settings, args.work, vae, tokenizer)
     scaling = float(1.0 / data["latents"].std())
-    unet, text_encoder = train_denoiser(settings, work, data, scaling, tokenizer)
+    unet, text_encoder = train_denoiser(settings, work, data, scaling, tokenizer, eager=args.eager)
     export(args.out, vae, unet, text_encoder, tokenizer, scaling)
     minutes = (time.time() - began) / 60
     (work / "done.json").write_text(json.dumps({"minutes_this_run": minutes, "out": str(args.out)}))
