@@ -9,11 +9,13 @@ Stages, each checkpointed under --work so a killed run resumes where it stopped:
 1. the VAE (64 px -> 16x16x4 latents), on rendered scenes (mostly 32 px crops);
 2. a fixed data set of scenes, encoded to latents once, with per-object masks and word positions;
 3. the UNet and CLIP text encoder together: the v-prediction loss on a zero-terminal-SNR
-   schedule (captions dropped 10 % of the time for classifier-free guidance) plus two auxiliary
+   schedule (captions dropped 10 % of the time for classifier-free guidance) plus three auxiliary
    losses. A supervision of cross-attention: each object's colour, shape and place word should put
    its attention inside that object (loss -log of the share of the word's attention that falls in its
    mask); without it every word of a tiny model attends to every object alike, and per-word maps
-   and Prompt-to-Prompt edits mean nothing. And a word-identity loss: each caption token's output
+   and Prompt-to-Prompt edits mean nothing. Its pixel-side twin (`pixel_attention_loss`): the
+   background attends little to object words, an object's pixels to their own object's words.
+   And a word-identity loss: each caption token's output
    state must name its own word (see `identity_loss`); without it the supervision turns each
    shape word into a copy of its colour word and the model ignores shape words.
 The exported weights are the UNet's and text encoder's exponential moving averages.
@@ -54,13 +56,15 @@ class Settings:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     scenes: int = 40000
-    steps: int = 5600
+    steps: int = 8000
     batch: int = 32
     lr: float = 8e-4
     warmup: int = 200
+    rewarm_steps: int = 2400
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     attention_weight: float = 0.5
+    pixel_weight: float = 0.5
     identity_weight: float = 0.2
     checkpoint_every: int = 250
 
@@ -208,7 +212,7 @@ def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.T
     """
     total = maps[0].new_zeros(())
     for probs in maps:
-        side = int(math.isqrt(probs.shape[1]))
+        side = math.isqrt(probs.shape[1])
         layer_masks = F.adaptive_max_pool2d(masks, side).flatten(2)
         index = words.flatten(1)[:, None, :].expand(-1, probs.shape[1], -1)
         word_maps = probs.gather(2, index).transpose(1, 2).reshape(*words.shape, -1)
@@ -216,6 +220,47 @@ def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.T
         share = inside / word_maps.sum(-1).clamp_min(1e-8)
         total = total + (-torch.log(share.clamp_min(1e-6)) * weight).sum() / weight.sum().clamp_min(1)
     return total / len(maps)
+
+
+def pixel_attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of two terms on each pixel's distribution over tokens (the softmax side).
+
+    Background pixels (outside every supervised object) should give little attention to object
+    words: -log(1 - their object-word share). An object's pixels should give their object-word
+    attention to their own object's words: -log(own share / object-word share).
+    `attention_loss` asks where each word's attention goes; this asks what each pixel attends to,
+    weighing every pixel alike, and so discourages a second copy of an object. Shapes as in
+    `attention_loss`.
+    """
+    total = maps[0].new_zeros(())
+    batch, objects, per_object = words.shape
+    present = (weight.sum(-1) > 0).float()
+    for probs in maps:
+        side = math.isqrt(probs.shape[1])
+        layer_masks = F.adaptive_max_pool2d(masks, side).flatten(2) * present[..., None]
+        index = words.flatten(1)[:, None, :].expand(-1, probs.shape[1], -1)
+        own = (probs.gather(2, index).reshape(batch, -1, objects, per_object) * weight[:, None]).sum(-1)
+        named = own.sum(-1)
+        background = (1 - layer_masks.amax(1)) * (present.sum(-1, keepdim=True) > 0).float()
+        total = total + (-torch.log((1 - named).clamp_min(1e-6)) * background).sum() / background.sum().clamp_min(1)
+        inside = layer_masks.transpose(1, 2)
+        share = own / named[..., None].clamp_min(1e-8)
+        total = total + (-torch.log(share.clamp_min(1e-6)) * inside).sum() / inside.sum().clamp_min(1)
+    return total / len(maps)
+
+
+def learning_rate(step: int, settings: Settings) -> float:
+    """Warm-up, then a cosine to 0.1x over the first `steps - rewarm_steps` steps, then a second, lower cycle.
+
+    In the second cycle the rate follows the cosine of the whole run's length: it jumps back to
+    where one long cosine would be (about 0.29x for the defaults) and decays to 0.1x again. On
+    the shapes model a second low-rate phase after the first reaches its floor measured +7 to +10
+    points of two-object prompts drawn exactly, where stretching one cosine over as many steps
+    measured none (benchmarks/RESULTS.md). With `rewarm_steps >= steps` it is one cosine.
+    """
+    first = settings.steps - settings.rewarm_steps
+    phase = step / first if step < first else step / settings.steps
+    return settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.55 + 0.45 * math.cos(math.pi * phase))
 
 
 IDENTITY_SCALE = 10.0
@@ -280,7 +325,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         sink.clear()
         states = text_encoder(ids)[0]
         denoise = F.mse_loss(unet(noisy, t, states).sample, velocity)
-        return denoise, attention_loss(sink, masks, words, objects), identity_loss(states, classes[ids], identity.weight)
+        return denoise, attention_loss(sink, masks, words, objects), pixel_attention_loss(sink, masks, words, objects), identity_loss(states, classes[ids], identity.weight)
 
     step_losses = losses if eager else torch.compile(losses)
     empty = torch.tensor(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids)
@@ -298,9 +343,9 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (settings.batch,))
         noisy = scheduler.add_noise(latents, noise, t)
         objects = (data["valid"][index] & ~dropped[:, None, None]).float()
-        denoise, attend, naming = step_losses(noisy, t, ids, scheduler.get_velocity(latents, noise, t), data["masks"][index], data["words"][index], objects)
-        loss = denoise + settings.attention_weight * attend + settings.identity_weight * naming
-        lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / settings.steps))
+        denoise, attend, pixels, naming = step_losses(noisy, t, ids, scheduler.get_velocity(latents, noise, t), data["masks"][index], data["words"][index], objects)
+        loss = denoise + settings.attention_weight * attend + settings.pixel_weight * pixels + settings.identity_weight * naming
+        lr = learning_rate(step, settings)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -310,7 +355,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         with torch.no_grad():
             torch._foreach_lerp_(ema_list, param_list, 1.0 if step < settings.warmup else 1 - settings.ema_decay)
         if step % 50 == 0:
-            log.write(json.dumps({"step": step, "denoise": denoise.item(), "attention": attend.item(), "identity": naming.item(), "lr": lr, "seconds": time.time() - began}) + "\n")
+            log.write(json.dumps({"step": step, "denoise": denoise.item(), "attention": attend.item(), "pixels": pixels.item(), "identity": naming.item(), "lr": lr, "seconds": time.time() - began}) + "\n")
             log.flush()
             bar.set_postfix(denoise=f"{denoise.item():.4f}", attention=f"{attend.item():.3f}", identity=f"{naming.item():.3f}")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:

@@ -9,7 +9,17 @@ from transformers import CLIPTokenizer
 
 from shapes import MODEL_PATH
 from shapes.scenes import Layout, Thing, make_scene
-from shapes.train import IDENTITY_SCALE, attention_loss, identity_loss, main, word_classes, word_positions
+from shapes.train import (
+    IDENTITY_SCALE,
+    Settings,
+    attention_loss,
+    identity_loss,
+    learning_rate,
+    main,
+    pixel_attention_loss,
+    word_classes,
+    word_positions,
+)
 
 
 def test_attention_loss_is_minus_log_share_inside_the_mask():
@@ -51,6 +61,36 @@ def test_identity_loss_is_cross_entropy_of_cosine_logits_at_a_fixed_scale():
     assert identity_loss(states, targets, 100 * prototypes).item() == pytest.approx((first + second) / 2, rel=1e-5)
 
 
+def test_pixel_attention_loss_by_hand():
+    # A 2x2 map, 4 tokens; object 0 (word at token 1) covers pixel 0, object 1 (token 2) pixel 1; pixels 2, 3 are background.
+    probs = torch.tensor([[[0.1, 0.6, 0.2, 0.1],     # object 0's pixel: own share 0.6 / 0.8
+                           [0.2, 0.4, 0.4, 0.0],     # object 1's pixel: own share 0.4 / 0.8
+                           [0.7, 0.1, 0.1, 0.1],     # background: object words 0.2
+                           [0.9, 0.0, 0.05, 0.05]]])  # background: object words 0.05
+    masks = torch.zeros(1, 2, 2, 2)
+    masks[0, 0, 0, 0] = masks[0, 1, 0, 1] = 1
+    words, weight = torch.tensor([[[1], [2]]]), torch.ones(1, 2, 1)
+    background = (-math.log(0.8) - math.log(0.95)) / 2
+    binding = (-math.log(0.6 / 0.8) - math.log(0.4 / 0.8)) / 2
+    assert pixel_attention_loss([probs], masks, words, weight).item() == pytest.approx(background + binding, rel=1e-5)
+    # An object whose words are not supervised (weight 0) counts neither as an object nor as background.
+    weight[0, 1] = 0
+    background = (-math.log(1 - 0.4) - math.log(1 - 0.1) - math.log(1 - 0.0)) / 3
+    binding = -math.log(0.6 / 0.6)
+    assert pixel_attention_loss([probs], masks, words, weight).item() == pytest.approx(background + binding, rel=1e-5)
+
+
+def test_learning_rate_runs_a_first_cosine_then_a_second_lower_cycle():
+    settings = Settings(steps=100, rewarm_steps=40, warmup=10, lr=1.0)
+    assert learning_rate(4, settings) == pytest.approx(0.5 * (0.55 + 0.45 * math.cos(math.pi * 4 / 60)))  # warming up
+    assert learning_rate(30, settings) == pytest.approx(0.55)  # half-way through the first cosine
+    assert learning_rate(59, settings) == pytest.approx(0.55 + 0.45 * math.cos(math.pi * 59 / 60))  # near its floor of 0.1
+    assert learning_rate(60, settings) == pytest.approx(0.55 + 0.45 * math.cos(math.pi * 0.6))  # back up to 0.41
+    assert learning_rate(100, settings) == pytest.approx(0.1)
+    one_cycle = Settings(steps=100, rewarm_steps=100, warmup=10, lr=1.0)
+    assert learning_rate(50, one_cycle) == pytest.approx(0.55)
+
+
 def test_word_classes_number_the_caption_words_and_skip_special_tokens():
     ids = torch.tensor([[49406, 320, 736, 49407, 49407], [49406, 320, 1746, 49407, 49407]])
     lookup = word_classes(ids, (49406, 49407))
@@ -59,7 +99,7 @@ def test_word_classes_number_the_caption_words_and_skip_special_tokens():
 
 def test_short_training_writes_a_loadable_model_and_resumes(tmp_path):
     common = ["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--tokenizer", str(MODEL_PATH / "tokenizer"), "--eager",
-              "--vae-steps", "2", "--vae-full-steps", "1", "--scenes", "64", "--batch", "4", "--checkpoint-every", "2"]
+              "--vae-steps", "2", "--vae-full-steps", "1", "--scenes", "64", "--batch", "4", "--checkpoint-every", "2", "--rewarm-steps", "1"]
     main([*common, "--steps", "2"])
     (work,) = [p for p in (tmp_path / "work").iterdir() if p.is_dir()]
     main([*common, "--steps", "2"])  # finished: nothing is redone

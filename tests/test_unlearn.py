@@ -76,7 +76,7 @@ def test_uce_sends_the_concept_to_the_guide_and_keeps_the_rest(pipe):
         kept = pipe.encode_prompt(list(KEPT), "cpu", 1, False)[0].double().flatten(0, 1)
     assert ((kept @ after.T - kept @ before.T).norm() / (kept @ before.T).norm()) < 0.06  # 4 % measured
     with apply_erasure(pipe, edited):
-        circles = draws(pipe, ["a red circle", "a blue circle", "a yellow circle", "a green circle"], "circle")
+        circles = draws(pipe, list(SHAPE_CONTEXTS), "circle")  # the edit's own contexts; other colours are the benchmark's
         squares = draws(pipe, ["a red square", "a purple square"], "square")
     assert torch.equal(dict(pipe.unet.named_parameters())[name], before.float())
     assert not any(circles) and all(squares)
