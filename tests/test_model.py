@@ -62,5 +62,5 @@ def test_shape_word_maps_peak_inside_their_objects(pipe):
         for i, (prompt, image) in enumerate(zip(chunk, images)):
             peaks += _shape_word_peaks(pipe.tokenizer, prompt, tc.token_maps(image=i), match_caption(np.rint(image * 255), prompt))
     # an object covers about a tenth of the image, so a capture that lost the word-to-map link would
-    # score near 0.1; issue 3's bar is 85 % (93 % on the 200 seeds of benchmarks/RESULTS.md)
+    # score near 0.1; issue 3's bar is 85 % (96 % on the 200 two-object seeds of benchmarks/RESULTS.md)
     assert len(peaks) >= 150 and np.mean(peaks) >= 0.85
