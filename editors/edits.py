@@ -11,8 +11,10 @@ Every edit of the paper gives a target's cross-attention map as
 - an injection schedule at a step: tokens outside their window get A = 0 and b = 1.
 
 So the layer output P' V = SDPA(Q_src, K_src, A V) + SDPA(Q_tgt, K_tgt, b V): fused calls, no
-probabilities in memory. `edited_probs` gives P' itself: the explicit reference, recorded maps and local
-blending read it.
+probabilities in memory. `lay_out` turns one step's edits into a `BatchEdit` over the whole attention
+batch, unconditional rows included, once per step; `fused_outputs` then computes a layer with one
+SDPA call (two where a target keeps some of its own attention), as plain generation does.
+`edited_probs` gives P' itself: the explicit reference, recorded maps and local blending read it.
 """
 
 from __future__ import annotations
@@ -55,28 +57,76 @@ def reweight(weights: torch.Tensor, base: CrossEdit | None = None) -> CrossEdit:
     return CrossEdit(base.source * weights[None, :], base.own * weights)
 
 
-def fused_outputs(edits: Sequence[CrossEdit], query, key, value, mask=None) -> torch.Tensor:
-    """The source row's output and P' V for each target, from (rows, heads, queries|tokens, dim) tensors.
+@dataclass(frozen=True)
+class BatchEdit:
+    """Edits laid over a whole attention batch: row r attends with the queries and keys of row
+    `rows[r]`; the rows from `first_mixed` on do so over mixed values, `mix[i] @ V` for the i-th of
+    them (None: no row's values are mixed); each row of `own_rows` adds its own attention over
+    `own * V`. Rows nobody edits read themselves."""
 
-    Row 0 is the source, row i the target of edits[i - 1]. Every term that reads the source's map
-    is one row of a single SDPA call: the source's queries and keys, repeated, with values
-    [V_src, A_1 V_1, ...]. (Putting those values side by side in one row would save the repeat,
-    but a value width other than the query's sends PyTorch to its slow math kernel.) The targets
-    that keep some of their own attention share one more call. A swap thus costs one fused call
-    over its rows, as generation does.
-    """
-    rows = len(edits) + 1
-    shared = torch.stack([value[0]] + [edit.source.to(v) @ v for edit, v in zip(edits, value[1:])])
-    repeat = (rows, -1, -1, -1)
-    outputs = F.scaled_dot_product_attention(
-        query[:1].expand(repeat), key[:1].expand(repeat), shared, attn_mask=None if mask is None else mask[:1].expand(rows, *mask.shape[1:])
-    )
-    own = [i for i, edit in enumerate(edits, start=1) if edit.own.any()]
+    rows: torch.Tensor
+    first_mixed: int = 0
+    mix: torch.Tensor | None = None
+    own_rows: torch.Tensor | None = None
+    own: torch.Tensor | None = None
+
+    def to(self, like: torch.Tensor) -> BatchEdit:
+        """On `like`'s device, the weights in its dtype: done once per step, not per layer."""
+
+        def index(t):
+            return None if t is None else t.to(like.device)
+
+        def weights(t):
+            return None if t is None else t.to(like)
+
+        return BatchEdit(index(self.rows), self.first_mixed, weights(self.mix), index(self.own_rows), weights(self.own))
+
+
+def injected_rows(batch: int, first: int, targets: int) -> BatchEdit:
+    """Self-attention injection: the target rows (after the source at row `first`) read the source's map."""
+    rows = torch.arange(batch)
+    rows[first + 1 : first + 1 + targets] = first
+    return BatchEdit(rows)
+
+
+def lay_out(edits: Sequence[CrossEdit], batch: int, first: int) -> BatchEdit:
+    """Cross-attention edits over a batch of `batch` rows whose conditional rows start at `first`:
+    the source there, then the target of each edit, the last rows of the batch. The other rows
+    keep their own attention. A target whose map is the source's own, token for token (a swap of
+    words of as many tokens), needs no mixing of its values; when none needs it, no row is mixed."""
+    if first + 1 + len(edits) != batch:
+        raise ValueError(f"{len(edits)} target(s) after a source at row {first} fill {first + 1 + len(edits)} rows, not the batch's {batch}")
+    rows = injected_rows(batch, first, len(edits)).rows
+    identity = torch.eye(edits[0].source.shape[0])
+    mix = None if all(torch.equal(edit.source, identity) for edit in edits) else torch.stack([edit.source for edit in edits])
+    own = [i for i, edit in enumerate(edits, start=first + 1) if edit.own.any()]
     if not own:
+        return BatchEdit(rows, first + 1, mix)
+    return BatchEdit(rows, first + 1, mix, torch.tensor(own), torch.stack([edits[i - first - 1].own for i in own]))
+
+
+def fused_outputs(plan: BatchEdit, query, key, value, mask=None) -> torch.Tensor:
+    """The layer output of every row of a (rows, heads, queries|tokens, dim) batch under `plan`.
+
+    One SDPA call covers every term that reads a map of the batch: the queries and keys of the
+    rows each row reads, with its mixed values. (Putting several rows' values side by side in one
+    row would save repeating the queries, but a value width other than the query's sends PyTorch
+    to its slow math kernel.) The rows that keep some of their own attention share one more call.
+    """
+    shared = value
+    if plan.mix is not None:
+        shared = torch.cat([value[: plan.first_mixed], plan.mix[:, None] @ value[plan.first_mixed :]])
+    outputs = F.scaled_dot_product_attention(
+        query.index_select(0, plan.rows), key.index_select(0, plan.rows), shared, attn_mask=None if mask is None else mask.index_select(0, plan.rows)
+    )
+    if plan.own_rows is None:
         return outputs
-    scaled = torch.stack([edits[i - 1].own.to(value)[:, None] * value[i] for i in own])
-    extra = F.scaled_dot_product_attention(query[own], key[own], scaled, attn_mask=None if mask is None else mask[own])
-    return outputs.index_add(0, torch.tensor(own, device=outputs.device), extra)
+    own = plan.own_rows
+    scaled = plan.own[:, None, :, None] * value.index_select(0, own)
+    extra = F.scaled_dot_product_attention(
+        query.index_select(0, own), key.index_select(0, own), scaled, attn_mask=None if mask is None else mask.index_select(0, own)
+    )
+    return outputs.index_add(0, own, extra)
 
 
 def edited_probs(edit: CrossEdit, p_src: torch.Tensor, p_tgt: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from editors.blend import region
-from editors.edits import CrossEdit, edited_probs, fused_outputs
+from editors.edits import BatchEdit, CrossEdit, edited_probs, fused_outputs, injected_rows, lay_out
 from xattn.controller import Controller, explicit_probs
 from xattn.sites import Site
 from xattn.store import AttentionStore
@@ -49,7 +48,7 @@ class PromptToPrompt(Controller):
             raise ValueError(f"{len(edits)} edits but {schedules.shape[0]} schedules; give one per target prompt")
         self.edits = list(edits)
         self.schedules = schedules
-        self._injecting = schedules.any(0).tolist()  # per step: does any target take source attention (asked per layer call)
+        self._injecting = schedules.any(2).any(0).tolist()  # per step: does any target take any source attention (asked per layer call)
         self.self_window = self_window
         self.self_resolution = self_resolution
         self.blend = blend
@@ -58,6 +57,7 @@ class PromptToPrompt(Controller):
         self.blend_maps: torch.Tensor | None = None
         self.subtract_maps: torch.Tensor | None = None
         self._step_edits: tuple[int, list[CrossEdit]] = (-1, [])
+        self._plans: tuple[int, dict[tuple, BatchEdit]] = (-1, {})
 
     @property
     def steps(self) -> int:
@@ -76,24 +76,25 @@ class PromptToPrompt(Controller):
     def _records(self, site: Site) -> bool:
         return self.blend is not None and max(site.resolution) == self.blend.side
 
-    def attend(self, site: Site, query, key, value, mask):
-        rows = query.shape[0]
+    def attend_batch(self, site: Site, query, key, value, mask, cond: slice):
+        rows = cond.stop - cond.start
         if rows != len(self.edits) + 1:
             raise ValueError(f"the batch has {rows} conditional rows; this edit needs 1 source + {len(self.edits)} target(s), one image each")
-        if site.kind == "self":
-            return self._inject_self(query, key, value, mask)
-        now = self._edits_at(site.step)
-        if not self._needs_probs(site):
-            return fused_outputs(now, query, key, value, mask)
+        if site.kind == "self" or not self._needs_probs(site):
+            return fused_outputs(self._plan(site, value, query.shape[0], cond.start), query, key, value, mask)
+        return super().attend_batch(site, query, key, value, mask, cond)
+
+    def attend(self, site: Site, query, key, value, mask):
+        """The conditional rows where someone reads the maps: explicit probabilities, then the fused output."""
         probs = explicit_probs(query, key, mask, site.scale)
-        edited = [edited_probs(e, probs[0], probs[i]) for i, e in enumerate(now, start=1)]
+        edited = [edited_probs(e, probs[0], probs[i]) for i, e in enumerate(self._edits_at(site.step), start=1)]
         if self.store is not None:
             self.store.record(site, torch.stack([probs[0], *edited]))
         if self._records(site):
             self._record(site, probs[0], edited)
         if self.explicit:
             return torch.stack([probs[0].to(value) @ value[0]] + [p.to(value) @ v for p, v in zip(edited, value[1:])])
-        return fused_outputs(now, query, key, value, mask)
+        return fused_outputs(self._plan(site, value, query.shape[0], 0), query, key, value, mask)
 
     def _edits_at(self, step: int) -> list[CrossEdit]:
         """Each target's edit with this step's schedule applied, made once per step for all layers."""
@@ -101,12 +102,18 @@ class PromptToPrompt(Controller):
             self._step_edits = (step, [edit.at(self.schedules[i, step].to(edit.source)) for i, edit in enumerate(self.edits)])
         return self._step_edits[1]
 
-    def _inject_self(self, query, key, value, mask):
-        """Every row takes the source's self-attention map: one fused call, the source's queries and keys repeated per row."""
-        repeat = (value.shape[0], -1, -1, -1)
-        return F.scaled_dot_product_attention(
-            query[:1].expand(repeat), key[:1].expand(repeat), value, attn_mask=None if mask is None else mask[:1].expand(value.shape[0], *mask.shape[1:])
-        )
+    def _plan(self, site: Site, value: torch.Tensor, batch: int, first: int) -> BatchEdit:
+        """This step's edit laid over a batch of `batch` rows whose conditional rows start at `first`:
+        made once per step, kind of attention and batch layout, not per layer call. Self-attention
+        injection gives every target the source's map, cross-attention the step's edits."""
+        if self._plans[0] != site.step:
+            self._plans = (site.step, {})
+        key = (site.kind, batch, first, value.dtype, value.device)
+        plans = self._plans[1]
+        if key not in plans:
+            plan = injected_rows(batch, first, len(self.edits)) if site.kind == "self" else lay_out(self._edits_at(site.step), batch, first)
+            plans[key] = plan.to(value)
+        return plans[key]
 
     def _record(self, site: Site, source_probs: torch.Tensor, target_probs: list[torch.Tensor]) -> None:
         """Add this layer's blend-word maps (summed over the words' tokens, mean over heads) to the running sums."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
-from editors.edits import CrossEdit, edited_probs, fused_outputs, refine, reweight, swap
+from editors.edits import CrossEdit, edited_probs, fused_outputs, injected_rows, lay_out, refine, reweight, swap
 from editors.schedules import token_schedule, window, word_windows
 from shapes import MODEL_PATH
 from xattn.align import align, refine_mapper, segments, swap_mapper, swapped_words
@@ -112,22 +112,49 @@ EDITS = [
 ]
 
 
-def _rows(count: int):
-    """(rows, heads, queries|tokens, dim) query, key and value for a source and `count` targets."""
+def _rows(count: int, uncond: int = 0):
+    """(rows, heads, queries|tokens, dim) query, key and value: `uncond` unconditional rows, then a source and `count` targets."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(count + 1, 2, 6, 8, generator=g), torch.randn(count + 1, 2, 5, 8, generator=g), torch.randn(count + 1, 2, 5, 8, generator=g)
+    rows = uncond + count + 1
+    return torch.randn(rows, 2, 6, 8, generator=g), torch.randn(rows, 2, 5, 8, generator=g), torch.randn(rows, 2, 5, 8, generator=g)
 
 
 @pytest.mark.parametrize("edits", [[edit] for edit in EDITS] + [EDITS], ids=[*(f"edit{i}" for i in range(len(EDITS))), "all-at-once"])
-def test_fused_outputs_equal_the_explicit_reference(edits):
-    query, key, value = _rows(len(edits))
+@pytest.mark.parametrize("uncond", [0, 3])
+def test_fused_outputs_equal_the_explicit_reference(edits, uncond):
+    query, key, value = _rows(len(edits), uncond)
     probs = _probs(query, key)
-    reference = [probs[0] @ value[0]] + [edited_probs(e, probs[0], probs[i]) @ value[i] for i, e in enumerate(edits, start=1)]
-    assert torch.allclose(fused_outputs(edits, query, key, value), torch.stack(reference), atol=1e-6)
+    src = uncond
+    reference = [probs[i] @ value[i] for i in range(uncond + 1)]
+    reference += [edited_probs(e, probs[src], probs[i]) @ value[i] for i, e in enumerate(edits, start=src + 1)]
+    out = fused_outputs(lay_out(edits, query.shape[0], uncond), query, key, value)
+    assert torch.allclose(out, torch.stack(reference), atol=1e-6)
+
+
+def test_a_plan_mixes_values_and_makes_a_second_call_only_where_an_edit_needs_it():
+    assert lay_out([EDITS[0], EDITS[2]], 6, 3).own_rows is None
+    plan = lay_out(EDITS[:2], 6, 3)  # the refinement (row 5) keeps its new token's own attention
+    assert plan.own_rows.tolist() == [5] and plan.rows.tolist() == [0, 1, 2, 3, 3, 3]
+    assert plan.first_mixed == 4 and torch.equal(plan.mix[0], EDITS[0].source) and torch.equal(plan.mix[1], EDITS[1].source)
+    same_tokens = lay_out([swap(torch.eye(5)), swap(torch.eye(5))], 5, 2)  # "a red circle" -> "a blue circle"
+    assert same_tokens.mix is None and same_tokens.own_rows is None
+    with pytest.raises(ValueError, match="fill 4 rows, not the batch's 6"):
+        lay_out(EDITS[:2], 6, 1)
 
 
 def test_identity_swap_gives_the_target_the_source_attention():
     query, key, value = _rows(1)
-    out = fused_outputs([swap(torch.eye(5))], query, key, value)
+    out = fused_outputs(lay_out([swap(torch.eye(5))], 2, 0), query, key, value)
     assert torch.allclose(out[0], F.scaled_dot_product_attention(query[0], key[0], value[0]), atol=1e-6)
     assert torch.allclose(out[1], F.scaled_dot_product_attention(query[0], key[0], value[1]), atol=1e-6)
+
+
+def test_self_attention_injection_reads_the_source_map_with_each_rows_own_values():
+    query, key, value = _rows(2, uncond=3)
+    mask = torch.randn(6, 1, 6, 5)
+    plan = injected_rows(6, 3, 2)
+    assert plan.rows.tolist() == [0, 1, 2, 3, 3, 3]
+    out = fused_outputs(plan, query, key, value, mask)
+    for row, source in enumerate([0, 1, 2, 3, 3, 3]):
+        expected = F.scaled_dot_product_attention(query[source], key[source], value[row], attn_mask=mask[source])
+        assert torch.allclose(out[row], expected, atol=1e-6), row

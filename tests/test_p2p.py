@@ -12,7 +12,7 @@ from editors.edits import swap
 from pipelines.edit import prompt_to_prompt
 from pipelines.loading import load_pipeline
 from tests.architectures import ARCHITECTURES
-from xattn.sites import cross_resolutions
+from xattn.sites import Layer, Site, cross_resolutions
 
 SWAP = ["a red circle and a blue square", "a red circle and a green square"]
 CASES = {
@@ -91,6 +91,17 @@ def test_maps_are_the_attention_each_image_used(shapes_pipe):
     alone = tc.word_maps(image=0, normalise="none")
     drawn = own.word_maps(image=1, normalise="none")
     assert np.abs(drawn["square"] - alone["square"]).max() < 1e-4 and np.abs(drawn["square"] - source["circle"]).max() > 1e-2
+
+
+def test_layers_run_plain_outside_every_injection_window():
+    schedules = torch.zeros(2, 5, 77)
+    schedules[0, :2] = 1  # the first target takes the source's attention at steps 0 and 1
+    schedules[1, 3, 5] = 1  # the second only for one word's token, at step 3
+    controller = PromptToPrompt([swap(torch.eye(77))] * 2, schedules, (1, 2), 8)
+    cross = [controller.handles(Site(Layer("up.attn2", "cross", "up"), (16, 16), step, 0.25)) for step in range(5)]
+    assert cross == [True, True, False, True, False]
+    self_sites = [controller.handles(Site(Layer("up.attn1", "self", "up"), (side, side), step, 0.25)) for step, side in ((0, 8), (1, 8), (1, 16), (2, 8))]
+    assert self_sites == [False, True, False, False]
 
 
 def test_local_blend_keeps_the_source_latent_outside_the_mask(shapes_pipe):

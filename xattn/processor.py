@@ -53,7 +53,7 @@ class XAttnProcessor:
 
         site = Site(self.layer, query_resolution(self.state.latent, query.shape[2]), self.state.step, attn.scale)
         if self.controller.handles(site):
-            hidden_states = self._controlled(site, query, key, value, attention_mask)
+            hidden_states = self.controller.attend_batch(site, query, key, value, attention_mask, self.state.layout.cond(query.shape[0]))
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
@@ -64,13 +64,3 @@ class XAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
-
-    def _controlled(self, site: Site, query, key, value, mask) -> torch.Tensor:
-        """The controller computes the conditional rows; the unconditional ones run fused."""
-        cond = self.state.layout.cond(query.shape[0])
-        out = self.controller.attend(site, query[cond], key[cond], value[cond], None if mask is None else mask[cond])
-        if cond.start == 0:
-            return out
-        uncond = slice(0, cond.start)
-        rest = F.scaled_dot_product_attention(query[uncond], key[uncond], value[uncond], attn_mask=None if mask is None else mask[uncond])
-        return torch.cat([rest, out.to(rest.dtype)])
