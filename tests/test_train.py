@@ -98,7 +98,7 @@ def test_word_classes_number_the_caption_words_and_skip_special_tokens():
 
 
 def test_short_training_writes_a_loadable_model_and_resumes(tmp_path):
-    common = ["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--tokenizer", str(MODEL_PATH / "tokenizer"), "--eager",
+    common = ["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--tokenizer", str(MODEL_PATH / "tokenizer"),
               "--vae-steps", "2", "--vae-full-steps", "1", "--scenes", "64", "--batch", "4", "--checkpoint-every", "2", "--rewarm-steps", "1"]
     main([*common, "--steps", "2"])
     (work,) = [p for p in (tmp_path / "work").iterdir() if p.is_dir()]
