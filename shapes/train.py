@@ -296,7 +296,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
 
     The step runs eagerly (about 0.64-0.68 s on two CPU cores). Not under `torch.compile`: with
     torch 2.13's Inductor on CPU, this UNet's whole-graph backward is wrong past its 4x4 up block's
-    upsampler (the loss values agree, the gradients of every earlier layer are 14-43 % off float64,
+    upsampler (the loss values agree, the gradients of every earlier layer are 14-46 % off float64,
     where eager is within 3e-6; `aot_eager` and each block compiled alone are right), and compiling
     only the blocks or the losses bought nothing over eager (benchmarks/RESULTS.md).
     """

@@ -124,9 +124,8 @@ def _rows(count: int, uncond: int = 0):
 def test_fused_outputs_equal_the_explicit_reference(edits, uncond):
     query, key, value = _rows(len(edits), uncond)
     probs = _probs(query, key)
-    src = uncond
-    reference = [probs[i] @ value[i] for i in range(uncond + 1)]
-    reference += [edited_probs(e, probs[src], probs[i]) @ value[i] for i, e in enumerate(edits, start=src + 1)]
+    reference = [probs[i] @ value[i] for i in range(uncond + 1)]  # unconditional rows and the source: their own attention
+    reference += [edited_probs(e, probs[uncond], probs[i]) @ value[i] for i, e in enumerate(edits, start=uncond + 1)]
     out = fused_outputs(lay_out(edits, query.shape[0], uncond), query, key, value)
     assert torch.allclose(out, torch.stack(reference), atol=1e-6)
 
