@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTokenizer
@@ -291,6 +292,29 @@ def word_classes(ids: torch.Tensor, special: tuple[int, ...]) -> torch.Tensor:
     return lookup
 
 
+def optimizer_state_of(weights: Path, optimizer: Path) -> dict:
+    """The optimizer state, step and random state saved with the weights in `weights`.
+
+    A checkpoint is two files: the optimizer state goes to `optimizer.pt.tmp`, the weights (their
+    step in the metadata) replace the old ones atomically, then the optimizer state is renamed into
+    place. A run killed between the last two left weights a checkpoint ahead of `optimizer.pt`;
+    their own optimizer state is the pending `.tmp`, and the rename is finished here.
+    """
+    with safe_open(str(weights), "pt") as f:
+        saved = (f.metadata() or {}).get("step")
+    state = torch.load(optimizer, weights_only=True)
+    if saved is None or int(state["step"]) == int(saved):
+        return state
+    pending = optimizer.with_name(optimizer.name + ".tmp")
+    if pending.exists() and int(torch.load(pending, weights_only=True)["step"]) == int(saved):
+        os.replace(pending, optimizer)
+        return torch.load(optimizer, weights_only=True)
+    raise RuntimeError(
+        f"the checkpoint in {weights.parent} does not hold together: weights at step {saved}, optimizer state at step "
+        f"{state['step']} and no pending optimizer state for step {saved}; delete the folder to train from the start"
+    )
+
+
 def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor], scaling: float, tokenizer: CLIPTokenizer):
     """Stage 3: UNet + text encoder with attention supervision and word identity; returns the EMA-weighted modules.
 
@@ -322,7 +346,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         for name, value in saved.items():
             if name.startswith("ema."):
                 ema[name[4:]].copy_(value)
-        opt_state = torch.load(work / "optimizer.pt", weights_only=True)
+        opt_state = optimizer_state_of(ckpt, work / "optimizer.pt")
         opt.load_state_dict(opt_state["optimizer"])
         torch.set_rng_state(opt_state["rng"])
         start = int(opt_state["step"])
@@ -366,7 +390,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             state = {f"model.{k}": v for k, v in modules.state_dict().items()} | {f"ema.{k}": v for k, v in ema.items()}
             torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step + 1}, work / "optimizer.pt.tmp")
-            save_atomic(state, ckpt)
+            save_atomic(state, ckpt, {"step": str(step + 1)})
             os.replace(work / "optimizer.pt.tmp", work / "optimizer.pt")
     log.close()
     unet.set_attn_processor(dict(stock))

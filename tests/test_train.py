@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -109,3 +110,22 @@ def test_short_training_writes_a_loadable_model_and_resumes(tmp_path):
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_a_run_killed_between_its_two_checkpoint_writes_resumes_from_the_pending_optimizer_state(tmp_path):
+    common = ["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--tokenizer", str(MODEL_PATH / "tokenizer"), "--steps", "2",
+              "--vae-steps", "2", "--vae-full-steps", "1", "--scenes", "64", "--batch", "4", "--checkpoint-every", "1", "--rewarm-steps", "1"]
+    main(common)
+    (work,) = [p for p in (tmp_path / "work").iterdir() if p.is_dir()]
+    final = torch.load(work / "optimizer.pt", weights_only=True)
+    assert final["step"] == 2
+    # as if killed after the step-2 weights replaced the step-1 ones, before the optimizer state was renamed
+    os.replace(work / "optimizer.pt", work / "optimizer.pt.tmp")
+    torch.save(final | {"step": 1}, work / "optimizer.pt")
+    weights = (work / "denoiser.safetensors").read_bytes()
+    main(common)
+    assert torch.load(work / "optimizer.pt", weights_only=True)["step"] == 2 and not (work / "optimizer.pt.tmp").exists()
+    assert (work / "denoiser.safetensors").read_bytes() == weights  # step 2 was not trained again over the wrong state
+    torch.save(final | {"step": 1}, work / "optimizer.pt")  # and with no pending state: a clear error, not a silent mix
+    with pytest.raises(RuntimeError, match="weights at step 2, optimizer state at step 1"):
+        main(common)
