@@ -60,12 +60,11 @@ def reweight(weights: torch.Tensor, base: CrossEdit | None = None) -> CrossEdit:
 @dataclass(frozen=True)
 class BatchEdit:
     """Edits laid over a whole attention batch: row r attends with the queries and keys of row
-    `rows[r]`; the rows from `first_mixed` on do so over mixed values, `mix[i] @ V` for the i-th of
-    them (None: no row's values are mixed); each row of `own_rows` adds its own attention over
+    `rows[r]`; the last len(mix) rows (the targets) do so over mixed values, `mix[i] @ V` for the
+    i-th of them (None: no row's values are mixed); each row of `own_rows` adds its own attention over
     `own * V`. Rows nobody edits read themselves."""
 
     rows: torch.Tensor
-    first_mixed: int = 0
     mix: torch.Tensor | None = None
     own_rows: torch.Tensor | None = None
     own: torch.Tensor | None = None
@@ -79,7 +78,7 @@ class BatchEdit:
         def weights(t):
             return None if t is None else t.to(like)
 
-        return BatchEdit(index(self.rows), self.first_mixed, weights(self.mix), index(self.own_rows), weights(self.own))
+        return BatchEdit(index(self.rows), weights(self.mix), index(self.own_rows), weights(self.own))
 
 
 def injected_rows(batch: int, first: int, targets: int) -> BatchEdit:
@@ -101,8 +100,8 @@ def lay_out(edits: Sequence[CrossEdit], batch: int, first: int) -> BatchEdit:
     mix = None if all(torch.equal(edit.source, identity) for edit in edits) else torch.stack([edit.source for edit in edits])
     own = [i for i, edit in enumerate(edits, start=first + 1) if edit.own.any()]
     if not own:
-        return BatchEdit(rows, first + 1, mix)
-    return BatchEdit(rows, first + 1, mix, torch.tensor(own), torch.stack([edits[i - first - 1].own for i in own]))
+        return BatchEdit(rows, mix)
+    return BatchEdit(rows, mix, torch.tensor(own), torch.stack([edits[i - first - 1].own for i in own]))
 
 
 def fused_outputs(plan: BatchEdit, query, key, value, mask=None) -> torch.Tensor:
@@ -115,7 +114,8 @@ def fused_outputs(plan: BatchEdit, query, key, value, mask=None) -> torch.Tensor
     """
     shared = value
     if plan.mix is not None:
-        shared = torch.cat([value[: plan.first_mixed], plan.mix[:, None] @ value[plan.first_mixed :]])
+        first = value.shape[0] - plan.mix.shape[0]
+        shared = torch.cat([value[:first], plan.mix[:, None] @ value[first:]])
     outputs = F.scaled_dot_product_attention(
         query.index_select(0, plan.rows), key.index_select(0, plan.rows), shared, attn_mask=None if mask is None else mask.index_select(0, plan.rows)
     )

@@ -134,7 +134,7 @@ def test_a_plan_mixes_values_and_makes_a_second_call_only_where_an_edit_needs_it
     assert lay_out([EDITS[0], EDITS[2]], 6, 3).own_rows is None
     plan = lay_out(EDITS[:2], 6, 3)  # the refinement (row 5) keeps its new token's own attention
     assert plan.own_rows.tolist() == [5] and plan.rows.tolist() == [0, 1, 2, 3, 3, 3]
-    assert plan.first_mixed == 4 and torch.equal(plan.mix[0], EDITS[0].source) and torch.equal(plan.mix[1], EDITS[1].source)
+    assert plan.mix.shape[0] == 2 and torch.equal(plan.mix[0], EDITS[0].source) and torch.equal(plan.mix[1], EDITS[1].source)
     same_tokens = lay_out([swap(torch.eye(5)), swap(torch.eye(5))], 5, 2)  # "a red circle" -> "a blue circle"
     assert same_tokens.mix is None and same_tokens.own_rows is None
     with pytest.raises(ValueError, match="fill 4 rows, not the batch's 6"):
