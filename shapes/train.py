@@ -57,7 +57,7 @@ class Settings:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     scenes: int = 40000
-    steps: int = 8000
+    steps: int = 6400
     batch: int = 32
     lr: float = 8e-4
     warmup: int = 200
@@ -68,6 +68,10 @@ class Settings:
     pixel_weight: float = 0.5
     identity_weight: float = 0.2
     checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rewarm_steps < self.steps:
+            raise ValueError(f"rewarm_steps ({self.rewarm_steps}) must lie in [0, steps) (steps: {self.steps}); 0 runs one cosine")
 
     def digest(self, *fields: str) -> str:
         """Hash of the named settings (all when none are named): the cache key of a stage."""
@@ -254,18 +258,25 @@ def pixel_attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: t
     return total / len(maps)
 
 
-def learning_rate(step: int, settings: Settings) -> float:
-    """Warm-up, then a cosine to 0.1x over the first `steps - rewarm_steps` steps, then a second, lower cycle.
+LR_FLOOR = 0.1  # both cycles end at this fraction of the peak rate
+REWARM_TOP = 0.3  # the second cycle starts here, about where one cosine over the whole run would be
 
-    In the second cycle the rate follows the cosine of the whole run's length: it jumps back to
-    where one long cosine would be (about 0.29x for the defaults) and decays to 0.1x again. On
-    the shapes model a second low-rate phase after the first reaches its floor measured +7 to +10
+
+def learning_rate(step: int, settings: Settings) -> float:
+    """Warm-up, then a cosine from 1x to 0.1x over the first `steps - rewarm_steps` steps, then a
+    second, lower cosine from 0.3x to 0.1x over the last `rewarm_steps` (none when it is 0).
+
+    On the shapes model a second low-rate phase after the first reaches its floor measured +7 to +10
     points of two-object prompts drawn exactly, where stretching one cosine over as many steps
-    measured none (benchmarks/RESULTS.md). With `rewarm_steps >= steps` it is one cosine.
+    measured none (benchmarks/RESULTS.md).
     """
     first = settings.steps - settings.rewarm_steps
-    phase = step / first if step < first else step / settings.steps
-    return settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.55 + 0.45 * math.cos(math.pi * phase))
+    if step < first:
+        top, phase = 1.0, step / first
+    else:
+        top, phase = REWARM_TOP, (step - first) / settings.rewarm_steps
+    scale = LR_FLOOR + (top - LR_FLOOR) * (1 + math.cos(math.pi * phase)) / 2
+    return settings.lr * min(1.0, (step + 1) / settings.warmup) * scale
 
 
 IDENTITY_SCALE = 10.0

@@ -86,10 +86,13 @@ def test_learning_rate_runs_a_first_cosine_then_a_second_lower_cycle():
     assert learning_rate(4, settings) == pytest.approx(0.5 * (0.55 + 0.45 * math.cos(math.pi * 4 / 60)))  # warming up
     assert learning_rate(30, settings) == pytest.approx(0.55)  # half-way through the first cosine
     assert learning_rate(59, settings) == pytest.approx(0.55 + 0.45 * math.cos(math.pi * 59 / 60))  # near its floor of 0.1
-    assert learning_rate(60, settings) == pytest.approx(0.55 + 0.45 * math.cos(math.pi * 0.6))  # back up to 0.41
+    assert learning_rate(60, settings) == pytest.approx(0.3)  # the second cycle starts at 0.3x
+    assert learning_rate(80, settings) == pytest.approx(0.2)  # half-way down to 0.1x
     assert learning_rate(100, settings) == pytest.approx(0.1)
-    one_cycle = Settings(steps=100, rewarm_steps=100, warmup=10, lr=1.0)
+    one_cycle = Settings(steps=100, rewarm_steps=0, warmup=10, lr=1.0)
     assert learning_rate(50, one_cycle) == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="rewarm_steps"):
+        Settings(steps=100, rewarm_steps=100)
 
 
 def test_word_classes_number_the_caption_words_and_skip_special_tokens():
