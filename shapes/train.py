@@ -317,9 +317,11 @@ def optimizer_state_of(weights: Path, optimizer: Path) -> dict:
     if saved is None or int(state["step"]) == int(saved):
         return state
     pending = optimizer.with_name(optimizer.name + ".tmp")
-    if pending.exists() and int(torch.load(pending, weights_only=True)["step"]) == int(saved):
-        os.replace(pending, optimizer)
-        return torch.load(optimizer, weights_only=True)
+    if pending.exists():
+        pending_state = torch.load(pending, weights_only=True)
+        if int(pending_state["step"]) == int(saved):
+            os.replace(pending, optimizer)
+            return pending_state
     raise RuntimeError(
         f"the checkpoint in {weights.parent} does not hold together: weights at step {saved}, optimizer state at step "
         f"{state['step']} and no pending optimizer state for step {saved}; delete the folder to train from the start"
@@ -329,7 +331,7 @@ def optimizer_state_of(weights: Path, optimizer: Path) -> dict:
 def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor], scaling: float, tokenizer: CLIPTokenizer):
     """Stage 3: UNet + text encoder with attention supervision and word identity; returns the EMA-weighted modules.
 
-    The step runs eagerly (about 0.64-0.68 s on two CPU cores). Not under `torch.compile`: with
+    The step runs eagerly (0.64-0.74 s on two CPU cores, by machine). Not under `torch.compile`: with
     torch 2.13's Inductor on CPU, this UNet's whole-graph backward is wrong past its 4x4 up block's
     upsampler (the loss values agree, the gradients of every earlier layer are 14-46 % off float64,
     where eager is within 3e-6; `aot_eager` and each block compiled alone are right), and compiling
