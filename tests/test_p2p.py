@@ -71,7 +71,7 @@ def test_source_is_plain_generation_and_no_injection_is_plain_generation_of_the_
     assert np.abs(free[0] - plain[0]).max() < 1e-5 and np.abs(free[1] - plain[1]).max() < 1e-5
     injected = prompt_to_prompt(shapes_pipe, prompts, seed=7, steps=5, output_type="np").images
     assert np.abs(injected[0] - plain[0]).max() < 1e-5
-    assert np.abs(injected[1] - plain[0]).mean() < 0.8 * np.abs(plain[1] - plain[0]).mean()  # closer to the source than without injection
+    assert np.abs(injected[1] - plain[0]).mean() < 0.9 * np.abs(plain[1] - plain[0]).mean()  # closer to the source than without injection
 
 
 def test_maps_are_the_attention_each_image_used(shapes_pipe):

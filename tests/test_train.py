@@ -18,6 +18,7 @@ from shapes.train import (
     learning_rate,
     main,
     pixel_attention_loss,
+    unconditional_weights,
     word_classes,
     word_positions,
 )
@@ -93,12 +94,25 @@ def test_learning_rate_runs_a_first_cosine_then_a_second_lower_cycle():
     assert learning_rate(50, one_cycle) == pytest.approx(0.55)
     with pytest.raises(ValueError, match="rewarm_steps"):
         Settings(steps=100, rewarm_steps=100)
+    with pytest.raises(ValueError, match="uncond_one_object_weight"):
+        Settings(uncond_one_object_weight=-0.5)
 
 
 def test_word_classes_number_the_caption_words_and_skip_special_tokens():
     ids = torch.tensor([[49406, 320, 736, 49407, 49407], [49406, 320, 1746, 49407, 49407]])
     lookup = word_classes(ids, (49406, 49407))
     assert lookup[ids].tolist() == [[-100, 0, 1, -100, -100], [-100, 0, 2, -100, -100]]
+
+
+def test_unconditional_weights_drop_one_object_scenes_less_often_at_the_same_mean_rate():
+    valid = torch.zeros(4, 3, 3, dtype=torch.bool)
+    for scene, objects in enumerate([1, 2, 3, 2]):
+        valid[scene, :objects, :2] = True
+    valid[0, 0, 2] = True  # a place word does not add an object
+    weights = unconditional_weights(valid, 0.4)
+    assert torch.allclose(weights, torch.tensor([0.4, 1.0, 1.0, 1.0]) / 0.85)
+    assert math.isclose(weights.mean().item(), 1.0, rel_tol=1e-6)
+    assert torch.equal(unconditional_weights(valid, 1.0), torch.ones(4))
 
 
 def test_short_training_writes_a_loadable_model_and_resumes(tmp_path):
