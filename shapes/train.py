@@ -105,12 +105,12 @@ def train_vae(settings: Settings, work: Path) -> torch.nn.Module:
     dominates it; the posterior's log-variance starts at -10 so sampling noise does not drown the
     latents while the encoder is still weak (the KL weight is SD's tiny 1e-6).
     """
+    torch.manual_seed(settings.seed)
     vae = architecture.build_vae()
     final = work / f"vae-{settings.digest(*VAE_FIELDS)}.safetensors"
     if final.exists():
         vae.load_state_dict(load_file(str(final)))
         return vae.eval()
-    torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels :] = -10.0

@@ -18,6 +18,7 @@ from shapes.train import (
     learning_rate,
     main,
     pixel_attention_loss,
+    train_vae,
     unconditional_weights,
     word_classes,
     word_positions,
@@ -113,6 +114,15 @@ def test_unconditional_weights_drop_one_object_scenes_less_often_at_the_same_mea
     assert torch.allclose(weights, torch.tensor([0.4, 1.0, 1.0, 1.0]) / 0.85)
     assert math.isclose(weights.mean().item(), 1.0, rel_tol=1e-6)
     assert torch.equal(unconditional_weights(valid, 1.0), torch.ones(4))
+
+
+def test_vae_stage_is_seeded_from_its_initial_weights_on(tmp_path):
+    settings = Settings(vae_steps=2, vae_full_steps=1, vae_batch=2)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = train_vae(settings, tmp_path / "a").state_dict()
+    torch.rand(7)  # a different global random state must not matter
+    second = train_vae(settings, tmp_path / "b").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_short_training_writes_a_loadable_model_and_resumes(tmp_path):
