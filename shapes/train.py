@@ -77,6 +77,11 @@ class Settings:
         if self.uncond_one_object_weight < 0:
             raise ValueError(f"uncond_one_object_weight ({self.uncond_one_object_weight}) must be >= 0; 1 drops every scene's caption alike")
 
+    @property
+    def first_cycle_steps(self) -> int:
+        """Steps of the first learning-rate cycle; the second cycle is the rest."""
+        return self.steps - self.rewarm_steps
+
     def digest(self, *fields: str) -> str:
         """Hash of the named settings (all when none are named): the cache key of a stage."""
         chosen = {k: v for k, v in asdict(self).items() if not fields or k in fields}
@@ -274,7 +279,7 @@ def learning_rate(step: int, settings: Settings) -> float:
     points of two-object prompts drawn exactly, where stretching one cosine over as many steps
     measured none (benchmarks/RESULTS.md).
     """
-    first = settings.steps - settings.rewarm_steps
+    first = settings.first_cycle_steps
     if step < first:
         top, phase = 1.0, step / first
     else:
@@ -389,7 +394,6 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         denoise = F.mse_loss(unet(noisy, t, states).sample, velocity)
         return denoise, attention_loss(sink, masks, words, objects), pixel_attention_loss(sink, masks, words, objects), identity_loss(states, classes[ids], identity.weight)
 
-    second_cycle = settings.steps - settings.rewarm_steps
     second_cycle_dropout = settings.caption_dropout * unconditional_weights(data["valid"], settings.uncond_one_object_weight)
     empty = torch.tensor(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids)
     n = data["latents"].shape[0]
@@ -400,10 +404,8 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         index = torch.randint(0, n, (settings.batch,))
         latents = (data["latents"][index] * scaling).contiguous(memory_format=torch.channels_last)
         ids = data["ids"][index].long()
-        if step < second_cycle:
-            dropped = torch.rand(settings.batch) < settings.caption_dropout
-        else:
-            dropped = torch.rand(settings.batch) < second_cycle_dropout[index]
+        dropout = settings.caption_dropout if step < settings.first_cycle_steps else second_cycle_dropout[index]
+        dropped = torch.rand(settings.batch) < dropout
         ids[dropped] = empty
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (settings.batch,))
