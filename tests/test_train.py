@@ -118,7 +118,8 @@ def test_unconditional_weights_drop_one_object_scenes_less_often_at_the_same_mea
 
 def test_vae_stage_is_seeded_from_its_initial_weights_on(tmp_path):
     settings = Settings(vae_steps=2, vae_full_steps=1, vae_batch=2)
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     first = train_vae(settings, tmp_path / "a").state_dict()
     torch.rand(7)  # a different global random state must not matter
     second = train_vae(settings, tmp_path / "b").state_dict()
