@@ -47,7 +47,7 @@ def modes(model: str, num: int) -> dict:
         "diffusers A&E": lambda: reference(PROMPT, token_indices=tokens, num_images_per_prompt=num, generator=generators(),
                                            max_iter_to_alter=round(settings.guided_steps * STEPS), thresholds=thresholds,
                                            scale_factor=settings.step_size, attn_res=(16, 16), **common),
-        "xattn A&E": lambda: compose(pipe, PROMPT, CONCEPTS, settings=settings, num=num, steps=STEPS, size=side, output_type="np"),
+        "xattn A&E": lambda: compose(pipe, PROMPT, CONCEPTS, settings=settings, num_images_per_prompt=num, steps=STEPS, height=side, width=side, output_type="np"),
         "plain": lambda: pipe(PROMPT, num_images_per_prompt=num, generator=generators(), **common),
     }
 

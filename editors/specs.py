@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from editors.conventions import XATTN, Conventions
 from editors.edits import CrossEdit, refine, reweight, swap
 from xattn.align import refine_mapper, segments, swap_mapper
 from xattn.tokens import word_tokens
@@ -16,7 +17,7 @@ from xattn.tokens import word_tokens
 class Swap:
     """Word swap: the prompts have the same words but for the swapped ones."""
 
-    def build(self, tokenizer, source: str, target: str) -> CrossEdit:
+    def build(self, tokenizer, source: str, target: str, conventions: Conventions = XATTN) -> CrossEdit:
         return swap(swap_mapper(tokenizer, source, target))
 
 
@@ -24,8 +25,8 @@ class Swap:
 class Refine:
     """Refinement: the target adds words; the tokens it shares with the source take the source's attention."""
 
-    def build(self, tokenizer, source: str, target: str) -> CrossEdit:
-        return refine(*refine_mapper(tokenizer, source, target))
+    def build(self, tokenizer, source: str, target: str, conventions: Conventions = XATTN) -> CrossEdit:
+        return refine(*refine_mapper(tokenizer, source, target, by_position=conventions.refine_tail == "by position"))
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,11 @@ class Reweight:
     weights: Mapping[str, float]
     base: Swap | Refine | None = field(default=None)
 
-    def build(self, tokenizer, source: str, target: str) -> CrossEdit:
+    def build(self, tokenizer, source: str, target: str, conventions: Conventions = XATTN) -> CrossEdit:
         scale = torch.ones(tokenizer.model_max_length)
         for word, factor in self.weights.items():
             scale[word_tokens(tokenizer, target, word)] = float(factor)
-        return reweight(scale, None if self.base is None else self.base.build(tokenizer, source, target))
+        return reweight(scale, None if self.base is None else self.base.build(tokenizer, source, target, conventions))
 
 
 def auto_edit(tokenizer, source: str, target: str) -> Swap | Refine:

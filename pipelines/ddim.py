@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
+
+from pipelines.conditioning import TextConditioning, unet_output
 
 
 def ddim_coefficients(alpha_from: float, alpha_to: float, prediction: str) -> tuple[float, float]:
@@ -53,8 +56,13 @@ def ddim_levels(scheduler: DDIMScheduler, steps: int) -> list[Level]:
 
 
 def ddim_from(scheduler) -> DDIMScheduler:
-    """The scheduler itself when it is DDIM, else DDIM built from its config (same betas, spacing, prediction type)."""
-    return scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
+    """Deterministic DDIM with the scheduler's betas, spacing, offset and prediction type, built as
+    google/prompt-to-prompt builds it: no clipping of the predicted sample and the last step landing
+    on the first training level, not on a clean 1 (DDIM's own defaults for keys a PNDM or Euler
+    config lacks would clip and end on alpha 1, which costs an inversion 0.4-1.5 dB)."""
+    if isinstance(scheduler, DDIMScheduler) and not scheduler.config.clip_sample and not scheduler.config.set_alpha_to_one:
+        return scheduler
+    return DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
 
 
 @contextmanager
@@ -69,3 +77,28 @@ def ddim_sampling(pipe: DiffusionPipeline) -> Iterator[DDIMScheduler]:
         yield pipe.scheduler
     finally:
         pipe.scheduler = original
+
+
+def guided_output(pipe: DiffusionPipeline, latents: torch.Tensor, timestep, cond: TextConditioning, uncond: TextConditioning,
+                  guidance: float) -> torch.Tensor:
+    """Classifier-free guided prediction, unconditional and conditional rows in one UNet call as the pipelines do."""
+    if guidance == 1:
+        return unet_output(pipe, latents, timestep, cond)
+    both = unet_output(pipe, torch.cat([latents, latents]), timestep, TextConditioning.stack(uncond, cond))
+    out_uncond, out_cond = both.chunk(2)
+    return out_uncond + guidance * (out_cond - out_uncond)
+
+
+def ddim_sample(pipe: DiffusionPipeline, latents: torch.Tensor, cond: TextConditioning, uncond: TextConditioning, levels: list[Level],
+                prediction: str, guidance: float, stop: int | None = None) -> torch.Tensor:
+    """Guided deterministic DDIM from `latents` through the first `stop` of `levels` (all of them when None).
+
+    What ESD samples its x_t with and what unlearning draws the model's own images with, whatever
+    sampler the pipeline carries and whatever its call takes (an img2img pipeline needs an image).
+    """
+    x = latents
+    with torch.no_grad():
+        for level in levels[:stop]:
+            c_x, c_out = ddim_coefficients(level.alpha, level.alpha_next, prediction)
+            x = c_x * x + c_out * guided_output(pipe, x, level.timestep, cond, uncond, guidance)
+    return x

@@ -10,25 +10,28 @@ same seed.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils.torch_utils import randn_tensor
 
 from editors.blend import LocalBlend, blend_latents, user_region
+from editors.conventions import XATTN, Conventions
 from editors.p2p import BlendTokens, PromptToPrompt
 from editors.schedules import Window, token_schedule, window, word_windows
 from editors.specs import Refine, Reweight, Swap, auto_edit
-from pipelines.ddim import ddim_sampling
-from pipelines.generate import check_size
+from pipelines.conditioning import image_embeds, pipeline_image_embeds
+from pipelines.ddim import ddim_from, ddim_sampling
+from pipelines.generate import image_size
 from pipelines.inversion import Inversion
+from pipelines.stepping import Calls, with_callback
 from xattn.attach import attach
 from xattn.sites import nearest_cross_side
 from xattn.store import AttentionStore
-from xattn.tokens import pipeline_word_tokens, word_tokens
+from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens, word_tokens
 from xattn.trace import Trace
 
 Edit = Swap | Refine | Reweight
@@ -58,6 +61,18 @@ def _blend_tokens(pipe, prompts: list[str], spec: LocalBlend, latent: tuple[int,
     )
 
 
+def output_size(pipe: DiffusionPipeline, height: int | None, width: int | None, call_options: dict) -> tuple[int, int]:
+    """(height, width) of the images a pipeline call makes: asked for, or, for an img2img pipeline, its input image's."""
+    params = inspect.signature(pipe.__call__).parameters
+    if "height" in params:
+        return image_size(pipe, height, width)
+    if height is not None or width is not None:
+        raise ValueError(f"{type(pipe).__name__} makes images the size of its input image; leave out height and width")
+    if call_options.get("image") is None:
+        raise ValueError(f"{type(pipe).__name__} edits an image: pass image=... (and strength=...) as for the pipeline itself")
+    return tuple(pipe.image_processor.get_default_height_width(call_options["image"]))
+
+
 def prompt_to_prompt(
     pipe: DiffusionPipeline,
     prompts: Sequence[str],
@@ -70,11 +85,15 @@ def prompt_to_prompt(
     steps: int = 25,
     guidance: float = 5.0,
     seed: int = 0,
-    size: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
     output_type: str = "pil",
     explicit: bool = False,
     inversion: Inversion | None = None,
     maps: bool = False,
+    conventions: Conventions = XATTN,
+    **call_options,
 ) -> EditResult:
     """Generate prompts[0] (the source) and edit it into prompts[1:] (the targets).
 
@@ -82,21 +101,30 @@ def prompt_to_prompt(
     counts match, refinement when the target adds words). cross_steps: the window of steps (or
     {word: window, "default": window}) in which targets take the source's cross-attention.
     self_steps: the window in which they take its self-attention, at query grids up to
-    self_resolution (default: a quarter of the latent side, the paper's 16 at 512 px).
+    self_resolution (default: the conventions', a quarter of the latent side: the paper's 16 at 512 px).
+    Every prompt starts from the same noise (seed), and a stochastic sampler draws the same noise
+    for every prompt, so the source is plain generation of prompts[0] with that seed.
     inversion: edit a real image (`pipelines.inversion.invert`) instead of generating the source;
     prompts[0] must be its caption, and sampling is DDIM from its inverted latent (seed unused).
     maps: also record every image's cross-attention maps, a target's as the edit made them (its
     injected map P', not the one it would have drawn alone); this costs explicit probabilities
     in the cross-attention layers, as `xattn.trace` does.
+    conventions: `editors.conventions.GOOGLE` reproduces google/prompt-to-prompt's code.
+    Other keyword arguments go to the pipeline call (an img2img pipeline's image and strength, an
+    IP-Adapter's ip_adapter_image(_embeds), which then conditions every prompt alike, ...).
     """
     prompts = list(prompts)
     if len(prompts) < 2:
         raise ValueError("Prompt-to-Prompt needs a source prompt and at least one target prompt")
-    side = check_size(pipe, size if size is not None or inversion is None else inversion.side)
     if inversion is not None:
-        inversion.check_prompts(prompts, steps, guidance, side)
-    latent = (side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
-    tokenizer = pipe.tokenizer
+        if height is not None or width is not None:
+            raise ValueError(f"the image was inverted at {inversion.size[0]}x{inversion.size[1]}; leave out height and width")
+        size = inversion.size
+        inversion.check_prompts(prompts, steps, guidance, negative_prompt)
+    else:
+        size = output_size(pipe, height, width, call_options)
+    latent = (size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+    tokenizer = pipeline_tokenizer(pipe)
     targets = prompts[1:]
     if edit is None:
         edits = [auto_edit(tokenizer, prompts[0], t) for t in targets]
@@ -106,48 +134,47 @@ def prompt_to_prompt(
         edits = list(edit)
         if len(edits) != len(targets):
             raise ValueError(f"{len(edits)} edits for {len(targets)} target prompts; give one edit, or one per target")
-    cross = [e.build(tokenizer, prompts[0], t) for e, t in zip(edits, targets)]
-    default, words = word_windows(cross_steps, steps)
+    cross = [e.build(tokenizer, prompts[0], t, conventions) for e, t in zip(edits, targets)]
+    calls = Calls.planned(ddim_from(pipe.scheduler), steps) if inversion is not None else Calls.of_pipeline(pipe, steps, call_options)
+    count = calls.count
+    default, words = word_windows(cross_steps, count, span=conventions.window_span(count))
     schedules = torch.stack(
         [
-            token_schedule(default, {tuple(pipeline_word_tokens(pipe, t, w)): span for w, span in words.items()}, steps, tokenizer.model_max_length)
+            token_schedule(default, {tuple(pipeline_word_tokens(pipe, t, w)): span for w, span in words.items()}, count, tokenizer.model_max_length)
             for t in targets
         ]
     )
-    self_window = window(self_steps, steps, "self-attention schedule")
+    self_window = window(self_steps, count, "self-attention schedule")
     tokens = _blend_tokens(pipe, prompts, blend, latent) if blend is not None and blend.mask is None else None
-    blend_start = window(blend.start, steps, "blend start")[1] if blend is not None else steps
+    blend_start = window(blend.start, count, "blend start")[1] if blend is not None else count
     store = AttentionStore() if maps else None
-    controller = PromptToPrompt(cross, schedules, self_window, self_resolution or max(1, max(latent) // 4), tokens, explicit, store)
+    self_side = self_resolution or conventions.self_side(latent)
+    controller = PromptToPrompt(cross, schedules, self_window, self_side, tokens, explicit, store)
 
     fixed_region = user_region(blend.mask, latent) if blend is not None and blend.mask is not None else None
+    images = image_embeds(pipe, call_options.pop("ip_adapter_image", None), call_options.pop("ip_adapter_image_embeds", None))
+    if images is not None:
+        call_options["ip_adapter_image_embeds"] = pipeline_image_embeds(images, len(prompts), guidance > 1)
 
-    def on_step_end(pipeline, step: int, timestep, tensors):
-        changed = inversion.on_step_end(step, tensors) if inversion is not None else {}
-        if blend is not None and step >= blend_start:
+    def on_step_end(pipeline, call: int, timestep, tensors):
+        changed = inversion.on_step_end(call, tensors) if inversion is not None else {}
+        if blend is not None and calls.steps[call] >= blend_start and calls.settles(call):
             latents = changed.get("latents", tensors["latents"])
             region = fixed_region if fixed_region is not None else controller.blend_region(latent, blend.threshold, blend.subtract_threshold)
             changed["latents"] = blend_latents(latents, region.to(latents.device))
         return changed
 
-    if inversion is None:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        start, inputs = randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=generator, dtype=pipe.unet.dtype), {}
+    if inversion is not None:
+        call_options |= inversion.call_options(pipe, len(prompts))
     else:
-        start, inputs = inversion.start.to(pipe.unet.dtype), inversion.pipeline_inputs(pipe, len(prompts))
+        call_options.setdefault("generator", [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts])
+        if "height" in inspect.signature(pipe.__call__).parameters:
+            call_options |= {"height": size[0], "width": size[1]}
+    if "negative_prompt_embeds" not in call_options:
+        call_options["negative_prompt"] = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+    call_options = with_callback(call_options, on_step_end if blend is not None or inversion is not None else None, ["latents", "prompt_embeds"])
     with attach(pipe, controller) as state, ddim_sampling(pipe) if inversion is not None else nullcontext():
-        images = pipe(
-            prompts,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=side,
-            width=side,
-            latents=start.expand(len(prompts), -1, -1, -1).clone(),
-            output_type=output_type,
-            callback_on_step_end=on_step_end if blend is not None or inversion is not None else None,
-            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
-            **inputs,
-        ).images
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type=output_type, **call_options).images
     return EditResult(list(images), prompts, edits, Trace(pipe, store, state) if store is not None else None)
 
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from pipelines.inversion_cache import model_fingerprint
 from shapes.train import save_atomic
+from xattn.denoiser import base_parameters, denoiser
 
 FORMAT = "xattn-erasure/1"
 
@@ -46,6 +47,23 @@ def read_metadata(path: Path | str) -> dict[str, str]:
     return metadata
 
 
+def _refresh_fused(unet: torch.nn.Module, names) -> None:
+    """Copy changed query/key/value weights into the fused projections that `fuse_qkv_projections` made of them:
+    the fused processor reads those, so an erasure must land there too."""
+    touched = {name.rsplit(".", 2)[0] for name in names if name.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v")}
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name in touched:
+            attn = modules.get(name)
+            for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+                target = getattr(attn, fused, None)
+                if target is None:
+                    continue
+                target.weight.copy_(torch.cat([getattr(attn, p).weight for p in parts]))
+                if target.bias is not None:
+                    target.bias.copy_(torch.cat([getattr(attn, p).bias for p in parts]))
+
+
 @dataclass
 class Erasure:
     """An erasure applied to a pipeline's UNet; `remove()` puts the original tensors back."""
@@ -55,10 +73,7 @@ class Erasure:
     metadata: dict[str, str]
 
     def remove(self) -> None:
-        params = dict(self.unet.named_parameters())
-        with torch.no_grad():
-            for name, value in self.originals.items():
-                params[name].copy_(value)
+        _write(self.unet, self.originals)
         self.originals = {}
 
     def __enter__(self) -> Erasure:
@@ -68,16 +83,33 @@ class Erasure:
         self.remove()
 
 
+def _write(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = base_parameters(unet)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    _refresh_fused(denoiser(unet), tensors)
+
+
 def apply_erasure(pipe: DiffusionPipeline, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Erasure:
-    """Copy changed tensors (diffusers names) into `pipe.unet` in place; the Erasure puts the originals back."""
-    params = dict(pipe.unet.named_parameters())
+    """Copy changed tensors (diffusers names) into `pipe.unet` in place, where the model reads them (a LoRA layer's base
+    weight, fused projections too); the Erasure puts the originals back. Every tensor is checked before any is written."""
+    params = base_parameters(pipe)
     unknown = [n for n in tensors if n not in params]
     if unknown:
         raise ValueError(f"the erasure changes tensors this UNet lacks: {unknown[:3]}; it was made for another architecture")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"the erasure's {name} is {tuple(value.shape)} but the UNet's is {tuple(params[name].shape)}; "
+                             "it was made for another model")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"the erasure's {name} holds non-finite values; it is damaged: make it again")
     originals = {n: params[n].detach().clone() for n in tensors}
-    with torch.no_grad():
-        for n, value in tensors.items():
-            params[n].copy_(value.to(params[n]))
+    try:
+        _write(pipe.unet, {n: value.to(params[n]) for n, value in tensors.items()})
+    except BaseException:
+        _write(pipe.unet, originals)
+        raise
     return Erasure(pipe.unet, originals, metadata or {})
 
 

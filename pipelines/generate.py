@@ -31,16 +31,25 @@ def image_multiple(pipe: DiffusionPipeline) -> int:
     return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
 
 
-def check_size(pipe: DiffusionPipeline, size: int | None) -> int:
-    """The image side to use (the model's own when None); a wrong size is a ValueError naming the nearest good ones."""
+def _check_side(pipe: DiffusionPipeline, value: int | None, option: str) -> int:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if size is None:
+    if value is None:
         return native
     multiple = image_multiple(pipe)
-    if size <= 0 or size % multiple:
-        lower = max(multiple, size // multiple * multiple)
-        raise ValueError(f"--size {size} does not fit this model: use a multiple of {multiple} (e.g. {lower} or {lower + multiple}); its native size is {native}")
-    return size
+    if value <= 0 or value % multiple:
+        lower = max(multiple, value // multiple * multiple)
+        raise ValueError(f"{option} {value} does not fit this model: use a multiple of {multiple} (e.g. {lower} or {lower + multiple}); its native size is {native}")
+    return value
+
+
+def check_size(pipe: DiffusionPipeline, size: int | None) -> int:
+    """The image side to use (the model's own when None); a wrong size is a ValueError naming the nearest good ones."""
+    return _check_side(pipe, size, "--size")
+
+
+def image_size(pipe: DiffusionPipeline, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """(height, width) to use, each the model's own when None; a side that does not fit is a ValueError naming good ones."""
+    return _check_side(pipe, height, "height"), _check_side(pipe, width, "width")
 
 
 def generate(pipe: DiffusionPipeline, settings: GenerationSettings, num: int = 1) -> list[Image.Image]:

@@ -13,6 +13,7 @@ is optimised on its own maps in one batched pass.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -23,13 +24,14 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.conditioning import TextConditioning, encode_text, unet_output
-from pipelines.generate import check_size
+from pipelines.conditioning import TextConditioning, encode_text, image_embeds, pipeline_image_embeds, unet_output, with_images
+from pipelines.generate import image_size
+from pipelines.stepping import Calls, with_callback
 from xattn import losses
 from xattn.attach import CallState, attach
 from xattn.capture import MapCapture
-from xattn.sites import nearest_cross_side
-from xattn.tokens import pipeline_word_tokens
+from xattn.sites import cross_grids, nearest_cross_side
+from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens
 
 METHODS = ("astar", "attend-excite", "none")
 
@@ -46,7 +48,9 @@ class GuidanceSettings:
     refinement: {fraction of the steps: threshold}; at those steps the update repeats (at most
     max_refinements times) while an image's weakest concept's smoothed token-share map peaks
     below the threshold (A&E's iterative refinement, at its iterations 0, 10 and 20 of 50; for
-    any loss, A-STAR's included: the paper mentions none).
+    any loss, A-STAR's included: the paper mentions none). As in the authors' code and diffusers',
+    whether an update repeats is decided by the loss before the update just made, so an image
+    takes one more update after it meets the threshold; stop_when_met stops it there instead.
     resolution: side of the attention maps the losses read; the UNet's nearest cross-attention
     side is used (16 is both papers', SD 1.x at 512 px).
     temperature, sigma, kernel: the concept maps' token softmax and Gaussian smoothing (xattn.losses).
@@ -59,9 +63,9 @@ class GuidanceSettings:
     word they are uniform (1/number of tokens), and on the embedded model A-STAR on them lost
     objects (45 % of two-object prompts exact against 67.5 % unguided, 40 seeds) where on
     "peak" maps it found them (95 %).
-    text_tokens: "prompt" runs the token softmax over the prompt's own tokens (A&E's SD 2.1
-    setting, which its issue #14 found converges better); "all" over every position but the
-    first and last, as diffusers' A&E pipeline does.
+    text_tokens: "all" runs the token softmax over every position but the first and last, as
+    the authors' code does for SD 1.x and diffusers' A&E pipeline always does; "prompt" over the
+    prompt's own tokens (the authors' SD 2.1 setting, which their issue #14 found converges better).
     """
 
     attend_excite: float = 0.0
@@ -72,12 +76,13 @@ class GuidanceSettings:
     guided_steps: float = 1.0
     refinement: Mapping[float, float] = field(default_factory=dict)
     max_refinements: int = 20
+    stop_when_met: bool = False
     resolution: int = 16
     temperature: float = 100.0
     sigma: float = losses.AE_SIGMA
     kernel: int = 3
     mask_threshold: float = 0.5
-    text_tokens: str = "prompt"
+    text_tokens: str = "all"
     maps: str = "peak"
 
     def __post_init__(self) -> None:
@@ -187,9 +192,12 @@ class _Guide:
             total = total + s.retention * losses.retention_loss(maps, self.masks[rows])
         return total
 
-    def after_pass(self) -> None:
-        """Take the maps of the pipeline's pass (after this step's update): output, and next step's retention masks."""
+    def after_pass(self, begins_step: bool) -> None:
+        """Take the maps of the pipeline's pass: the output's and the next step's retention masks when the pass began
+        its step (after the step's update), else none (a pass at a point the scheduler predicted and discards)."""
         probs = self.capture.take()
+        if not begins_step:
+            return
         shown = self.attention_maps(probs, self.tokens)
         self.step_maps.append(shown.float().cpu())
         if not self.settings.retention:
@@ -199,12 +207,12 @@ class _Guide:
         self.masks = masks if self.layout is None else torch.where(self.layout.isnan(), masks, self.layout.to(masks))
 
     def evaluate(self, x: torch.Tensor, rows: list[int], timestep, attendance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One guidance pass on these rows of the batch: (per-row loss in the autograd graph of x, and when asked the
+        """One guidance pass on these rows of the batch, whose latents x are the UNet's input (variance-preserving, as the
+        papers' z_t): (per-row loss in the autograd graph of x, and when asked the
         per-row attendance: the weakest concept's smoothed token-share peak, A&E's refinement test)."""
         text = self.text.take(rows)
-        model_input = self.pipe.scheduler.scale_model_input(x, timestep)
         with self.state.conditional_calls():
-            probs = self.capture.run(lambda: unet_output(self.pipe, model_input, timestep, text))
+            probs = self.capture.run(lambda: unet_output(self.pipe, x, timestep, text))
         maps = self.loss_maps(probs, rows)
         if not attendance:
             return self.loss(maps, rows), None
@@ -215,34 +223,53 @@ class _Guide:
         """The latents for `step` after its update (unchanged at steps that are not guided).
 
         At a refinement step, the images whose weakest concept peaks below the threshold are
-        updated and passed again, alone, until none is or the tries run out; then every image
-        takes the step's regular update.
+        updated and passed again, alone, until the refinement stops (`GuidanceSettings.refinement`)
+        or the tries run out; then every image takes the step's regular update.
         """
         threshold = self.refine.get(step)
         if step >= self.guided and threshold is None:
             return latents
         alpha = float(self.alphas[step])
         every = list(range(len(latents)))
+        # The update acts on z_t as the papers define it, the UNet's input: for a sampler whose latents carry the noise
+        # at scale sigma (Euler, Heun, LMS) that is the latents times 1 / sqrt(sigma^2 + 1), so the step means the same
+        # whatever the sampler. (A step taken on the sampler's own latents would shrink by sigma^2 + 1.)
+        scale = self.pipe.scheduler.scale_model_input(torch.ones((), device=latents.device, dtype=latents.dtype), timestep)
         with torch.enable_grad():
-            x = latents.detach().requires_grad_(True)
+            x = (latents * scale).detach().requires_grad_(True)
             loss, attendance = self.evaluate(x, every, timestep, threshold is not None)
             self.losses[step] = loss.detach().cpu()
-            rows, sub, sub_loss, refined = every, x, loss, False
-            for _ in range(self.settings.max_refinements if threshold is not None else 0):
-                weak = attendance < threshold
-                if not weak.any():
-                    break
-                moved = self._descend(sub, sub_loss, alpha * weak.to(x.dtype))
-                x = x.detach().index_copy(0, torch.tensor(rows, device=x.device), moved)
-                rows = [r for r, w in zip(rows, weak.tolist()) if w]
-                sub = x[rows].detach().requires_grad_(True)
-                sub_loss, attendance = self.evaluate(sub, rows, timestep, True)
-                refined = True
-            if step < self.guided:
-                if refined:
+            if threshold is not None and (attendance < threshold).any():
+                x = self._refine(x, loss, attendance < threshold, alpha, threshold, timestep)
+                if step < self.guided:
                     x = x.detach().requires_grad_(True)
                     loss, _ = self.evaluate(x, every, timestep, False)
+            if step < self.guided:
                 x = self._descend(x, loss, torch.full((len(x),), alpha, dtype=x.dtype))
+        return x.detach() / scale
+
+    def _refine(self, x: torch.Tensor, loss: torch.Tensor, weak: torch.Tensor, alpha: float, threshold: float, timestep) -> torch.Tensor:
+        """A&E's iterative refinement of the `weak` rows of x, whose losses `loss` are in the graph of x.
+
+        Each try updates the rows still refining, then evaluates them again. A row goes on while
+        the loss it had before the update just made was above the target (the authors' loop,
+        which makes one update more than needed), or, with stop_when_met, while its loss after it is.
+        """
+        rows = list(range(len(x)))
+        sub, sub_loss, going, before = x, loss, weak, weak
+        for _ in range(self.settings.max_refinements):
+            moved = self._descend(sub, sub_loss, alpha * going.to(x.dtype))
+            x = x.detach().index_copy(0, torch.tensor(rows, device=x.device), moved)
+            kept = [i for i, g in enumerate(going.tolist()) if g]
+            rows = [rows[i] for i in kept]
+            if not rows:
+                break
+            sub = x[rows].detach().requires_grad_(True)
+            sub_loss, attendance = self.evaluate(sub, rows, timestep, True)
+            after = attendance < threshold
+            going, before = (after, after) if self.settings.stop_when_met else (before[kept], after)
+            if not going.any():
+                break
         return x.detach()
 
     @staticmethod
@@ -269,8 +296,8 @@ def _frozen(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _layout_masks(layout: Mapping[str, np.ndarray | torch.Tensor], concepts: list[list[str]], side: int) -> torch.Tensor:
-    """User masks as (rows, concepts, side, side) 0/1 at the map size; nan for concepts without one."""
+def _layout_masks(layout: Mapping[str, np.ndarray | torch.Tensor], concepts: list[list[str]], grid: tuple[int, int]) -> torch.Tensor:
+    """User masks as (rows, concepts, h, w) 0/1 at the map grid; nan for concepts without one."""
     unknown = set(layout) - {w for words in concepts for w in words}
     if unknown:
         raise ValueError(f"layout masks for {sorted(unknown)}, which are not concepts; the concepts are {concepts[0]}")
@@ -279,8 +306,8 @@ def _layout_masks(layout: Mapping[str, np.ndarray | torch.Tensor], concepts: lis
         m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
         if m.ndim != 2 or not (m > 0).any():
             raise ValueError(f"the layout mask of {word!r} must be a 2-D array with some nonzero pixels; got shape {tuple(m.shape)}")
-        planes[word] = (F.interpolate((m > 0).float()[None, None], size=(side, side), mode="area")[0, 0] >= 0.5).float()
-    empty = torch.full((side, side), float("nan"))
+        planes[word] = (F.interpolate((m > 0).float()[None, None], size=grid, mode="area")[0, 0] >= 0.5).float()
+    empty = torch.full(grid, float("nan"))
     return torch.stack([torch.stack([planes.get(w, empty) for w in words]) for words in concepts])
 
 
@@ -306,36 +333,48 @@ def compose(
     method: str = "astar",
     settings: GuidanceSettings | None = None,
     layout: Mapping[str, np.ndarray | torch.Tensor] | None = None,
-    num: int = 1,
+    num_images_per_prompt: int = 1,
     seed: int = 0,
     steps: int = 25,
     guidance: float = 5.0,
-    size: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
     output_type: str = "pil",
+    **call_options,
 ) -> Composition:
     """Generate with attention-loss guidance so that every concept appears, apart from the others.
 
     prompt: one prompt, or several; concepts: words (or phrases) of every prompt, or one list per
-    prompt, all of one length. Image r (prompt r // num) starts from the noise of seed + r. method picks the loss preset;
-    settings replaces it entirely. layout: {concept: 2-D mask, any size} replaces that concept's
-    retention target with the user's region (A-STAR Sec. 5).
+    prompt, all of one length. Image r (prompt r // num_images_per_prompt) starts from the noise of seed + r, and a
+    stochastic sampler draws its noise from the same generator, as the pipeline does with
+    `generator=`. method picks the loss preset; settings replaces it entirely. layout: {concept:
+    2-D mask, any size} replaces that concept's retention target with the user's region (A-STAR
+    Sec. 5). Any diffusers scheduler works: the update acts on the latents each denoising step
+    starts from. Other keyword arguments go to the pipeline call; an IP-Adapter's
+    `ip_adapter_image(_embeds)` conditions every image and the guidance passes alike.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("give at least one prompt")
     words = _concepts_per_prompt(prompts, concepts)
+    num = num_images_per_prompt
     if num < 1:
-        raise ValueError(f"num must be at least 1, got {num}")
+        raise ValueError(f"num_images_per_prompt must be at least 1, got {num}")
+    if "image" in inspect.signature(pipe.__call__).parameters:
+        raise ValueError(f"compose generates from noise, and {type(pipe).__name__} starts from an image; use the model's "
+                         "text-to-image pipeline (e.g. StableDiffusionPipeline.from_pipe(pipe))")
     settings = settings or method_settings(method)
-    side = check_size(pipe, size)
-    latent = (side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
+    size = image_size(pipe, height, width)
+    latent = (size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
     tokens = [[tuple(pipeline_word_tokens(pipe, p, w)) for w in ws] for p, ws in zip(prompts, words)]
     rows = [p for p in prompts for _ in range(num)]
     row_words = [w for w in words for _ in range(num)]
     row_tokens = [t for t in tokens for _ in range(num)]
-    limit = pipe.tokenizer.model_max_length
+    tokenizer = pipeline_tokenizer(pipe)
+    limit = tokenizer.model_max_length
     if settings.text_tokens == "prompt":
-        text_ends = [len(pipe.tokenizer(p, truncation=True, max_length=limit).input_ids) - 1 for p in rows]
+        text_ends = [len(tokenizer(p, truncation=True, max_length=limit).input_ids) - 1 for p in rows]
     else:
         text_ends = [limit - 1] * len(rows)
     map_side = nearest_cross_side(pipe.unet, latent, settings.resolution)
@@ -343,35 +382,33 @@ def compose(
     if layout:
         if not settings.retention:
             raise ValueError("layout masks act through the retention loss; use a method or settings with retention > 0")
-        masks = _layout_masks(layout, row_words, map_side)
+        grid = next(g for g in cross_grids(pipe.unet, latent) if max(g) == map_side)
+        masks = _layout_masks(layout, row_words, grid)
 
-    text, _ = encode_text(pipe, rows, side)
+    images = image_embeds(pipe, call_options.pop("ip_adapter_image", None), call_options.pop("ip_adapter_image_embeds", None))
+    text, _ = with_images(*encode_text(pipe, rows, size, negative_prompt), images)
+    if images is not None:
+        call_options["ip_adapter_image_embeds"] = pipeline_image_embeds(images, len(rows), guidance > 1)
     generators = [torch.Generator(device="cpu").manual_seed(seed + r) for r in range(len(rows))]
     noise = torch.cat([randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=g, dtype=pipe.unet.dtype) for g in generators])
     noise = noise.to(pipe.unet.device)
     capture = MapCapture(map_side)
     pipe.scheduler.set_timesteps(steps, device=pipe.unet.device)
     timesteps = pipe.scheduler.timesteps.clone()
+    calls = Calls(timesteps)
     sigma = pipe.scheduler.init_noise_sigma
 
-    def on_step_end(pipeline, step: int, timestep, tensors):
-        guide.after_pass()
-        if step + 1 == steps:
+    def on_step_end(pipeline, call: int, timestep, tensors):
+        guide.after_pass(calls.begins(call))
+        following = call + 1
+        if following == len(timesteps) or not calls.begins(following):
             return {}
-        return {"latents": guide(tensors["latents"], step + 1, timesteps[step + 1])}
+        return {"latents": guide(tensors["latents"], calls.steps[following], timesteps[following])}
 
     with attach(pipe, capture) as state, _frozen(pipe.unet):
-        guide = _Guide(pipe, capture, state, settings, text, row_tokens, text_ends, masks, steps)
+        guide = _Guide(pipe, capture, state, settings, text, row_tokens, text_ends, masks, calls.count)
         start = guide(noise * sigma, 0, timesteps[0]) / sigma
-        images = pipe(
-            rows,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=side,
-            width=side,
-            latents=start,
-            output_type=output_type,
-            callback_on_step_end=on_step_end,
-            callback_on_step_end_tensor_inputs=["latents"],
-        ).images
-    return Composition(list(images), rows, row_words, torch.stack(guide.step_maps), guide.losses)
+        result = pipe(rows, num_inference_steps=steps, guidance_scale=guidance, height=size[0], width=size[1],
+                      negative_prompt=[negative_prompt] * len(rows) if isinstance(negative_prompt, str) else negative_prompt,
+                      latents=start, generator=generators, output_type=output_type, **with_callback(call_options, on_step_end, ["latents"]))
+    return Composition(list(result.images), rows, row_words, torch.stack(guide.step_maps), guide.losses)

@@ -45,8 +45,8 @@ def read_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
         raise ValueError(f"could not read {path} as an image ({error}); give a PNG, JPEG or other file PIL reads") from None
 
 
-def prepare_image(source: str | Path | Image.Image | np.ndarray, side: int) -> PreparedImage:
-    """An RGB `side` x `side` image: transparency flattened on white, centre-cropped to a square, resized."""
+def prepare_image(source: str | Path | Image.Image | np.ndarray, size: tuple[int, int]) -> PreparedImage:
+    """An RGB image of `size` (height, width): transparency flattened on white, centre-cropped to that shape, resized."""
     image, notes = read_image(source), []
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -55,15 +55,16 @@ def prepare_image(source: str | Path | Image.Image | np.ndarray, side: int) -> P
     elif image.mode != "RGB":
         notes.append(f"converted from mode {image.mode} to RGB")
         image = image.convert("RGB")
-    width, height = image.size
-    if width != height:
-        crop = min(width, height)
-        left, top = (width - crop) // 2, (height - crop) // 2
-        image = image.crop((left, top, left + crop, top + crop))
-        notes.append(f"centre-cropped {width}x{height} to {crop}x{crop}")
-    if image.size[0] != side:
-        notes.append(f"resized {image.size[0]}x{image.size[1]} to the model's {side}x{side}")
-        image = image.resize((side, side), Image.Resampling.LANCZOS)
+    height, width = size
+    have_w, have_h = image.size
+    crop_w, crop_h = min(have_w, round(have_h * width / height)), min(have_h, round(have_w * height / width))
+    if (crop_w, crop_h) != (have_w, have_h):
+        left, top = (have_w - crop_w) // 2, (have_h - crop_h) // 2
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+        notes.append(f"centre-cropped {have_w}x{have_h} to {crop_w}x{crop_h}")
+    if image.size != (width, height):
+        notes.append(f"resized {image.size[0]}x{image.size[1]} to the model's {width}x{height}")
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
     return PreparedImage(image, notes)
 
 

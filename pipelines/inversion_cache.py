@@ -18,20 +18,25 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from xattn.denoiser import model_state
+
 DEFAULT_CACHE = Path(os.environ.get("XATTN_CACHE", "~/.cache/xattn")).expanduser() / "inversions"
 
 
 def model_fingerprint(pipe: DiffusionPipeline) -> str:
     """A digest of every weight of the pipeline's UNet, text encoders and VAE (a float64 sum and a strided sample per tensor).
 
-    Weights changed in place (an erasure loaded, a LoRA fused) change it; a path does not name weights.
+    Weights changed in place (an erasure loaded, a LoRA fused) and LoRA adapters change it; a path
+    does not name weights. The UNet's count under their diffusers names (`xattn.denoiser.model_state`):
+    a compiled UNet is the UNet it wraps, and an IP-Adapter or fused projections add nothing.
     """
     digest = hashlib.sha256()
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipe, name, None)
         if module is None:
             continue
-        for key, tensor in module.state_dict().items():
+        state = model_state(module) if name == "unet" else module.state_dict()
+        for key, tensor in state.items():
             flat = tensor.detach().flatten()
             sample = flat[:: max(1, flat.numel() // 16)].float().cpu().numpy()
             total = torch.sum(flat, dtype=torch.float64).item() if flat.is_floating_point() else int(flat.sum())

@@ -19,7 +19,8 @@ from diffusers import DiffusionPipeline
 
 from pipelines.closed_form import ridge_edit
 from pipelines.conditioning import encode_text
-from pipelines.generate import check_size
+from pipelines.generate import image_size
+from xattn.denoiser import denoiser
 from xattn.tokens import WORD, pipeline_word_tokens
 
 
@@ -32,7 +33,18 @@ def replace_word(prompt: str, word: str, by: str) -> str:
 def _outputs(pipe: DiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """The text encoder outputs the UNet's cross-attention reads, (prompts, tokens, width)."""
     with torch.no_grad():
-        return encode_text(pipe, prompts, check_size(pipe, None))[0].embeds.double()
+        return encode_text(pipe, prompts, image_size(pipe))[0].embeds.double()
+
+
+def read_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """(out, in) the linear map a projection applies: its weight, or under a peft LoRA layer the base weight
+    plus the active adapters' deltas (read off the layer itself, so any adapter kind and scale counts)."""
+    if not hasattr(layer, "base_layer"):
+        return layer.weight.detach()
+    base = layer.base_layer
+    eye = torch.eye(base.in_features, dtype=base.weight.dtype, device=base.weight.device)
+    with torch.no_grad():
+        return (layer(eye) - layer(torch.zeros_like(eye[:1]))).T
 
 
 def erase_pairs(pipe: DiffusionPipeline, concept: str, guide: str, contexts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,18 +79,25 @@ def uce_edit(
     preserve_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """New weights of every cross-attention `to_k` and `to_v` (diffusers names) that erase `concept` from the
-    `contexts` prompts towards `guide`, keeping the `preserve` prompts' keys and values."""
+    `contexts` prompts towards `guide`, keeping the `preserve` prompts' keys and values.
+
+    The edit is solved on the map each projection applies (`read_weight`). Under a peft LoRA layer
+    the new weight is its base layer's, shifted so that base plus adapter give the solved map; the
+    erasure then belongs to the model with that LoRA (its fingerprint counts the adapter).
+    """
     if not contexts:
         raise ValueError("UCE needs at least one context prompt that names the concept, e.g. 'a photo of a circle'")
     inputs, guides = erase_pairs(pipe, concept, guide, contexts)
     kept = _outputs(pipe, preserve).flatten(0, 1) if preserve else None
     edited = {}
-    for name, module in pipe.unet.named_modules():
+    for name, module in denoiser(pipe).named_modules():
         if name.endswith(("attn2.to_k", "attn2.to_v")):
-            weight = module.weight.detach()
-            targets = guides @ weight.double().T
-            edited[f"{name}.weight"] = ridge_edit(weight, inputs, targets, kept, lam, erase_scale, preserve_scale)
+            applied = read_weight(module)
+            solved = ridge_edit(applied, inputs, guides @ applied.double().T, kept, lam, erase_scale, preserve_scale)
+            if hasattr(module, "base_layer"):
+                base = module.base_layer.weight.detach()
+                solved = (base.double() + solved.double() - applied.double()).to(base.dtype)
+            edited[f"{name}.weight"] = solved
     if not edited:
-        raise ValueError("this UNet has no separate cross-attention key/value projections (attn2.to_k, attn2.to_v); "
-                         "call pipe.unet.unfuse_qkv_projections() first if they were fused")
+        raise ValueError("this UNet has no cross-attention key/value projections (attn2.to_k, attn2.to_v) for UCE to edit")
     return edited

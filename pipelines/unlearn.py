@@ -16,9 +16,15 @@ with the concept replaced by the guide, the empty prompt when there is none):
   retain_weight x the usual denoising loss on images of the preserved prompts; only the salient
   weights move (the top `saliency` share by |gradient of the forgetting loss|, `pipelines.saliency`).
 
-Images for FMN and SalUn are the user's or the base model's own, generated from the prompts.
-Training runs under accelerate (device, mixed precision, several GPUs), writes an atomic
-checkpoint every `checkpoint_every` steps and resumes from it after a kill.
+Images for FMN and SalUn are the user's or the base model's own, generated from the prompts. The
+training is the same whatever sampler the pipeline carries: x_t for ESD and the model's own images
+come from guided DDIM built from the scheduler's config, and FMN and SalUn noise their images with
+the model's forward process (DDPM's alpha-bars from that config, its prediction type). The copy
+that trains is float32 (a float16 or bfloat16 pipeline's weights come back in its dtype), reads
+separate projections where the pipeline's are fused, and under peft LoRA trains the base weights
+with the adapters active. A non-finite loss or weight stops training with an error. Training
+runs under accelerate (device, mixed precision, several GPUs), writes an atomic checkpoint every
+`checkpoint_every` steps and resumes from it after a kill.
 """
 
 from __future__ import annotations
@@ -33,21 +39,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from diffusers import DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.conditioning import TextConditioning, encode_text, unet_output
+from pipelines.ddim import ddim_from, ddim_levels, ddim_sample
 from pipelines.erasure import save_erasure
-from pipelines.generate import check_size, slug
+from pipelines.generate import image_size, slug
 from pipelines.images import image_to_latent, prepare_image
 from pipelines.inversion_cache import model_fingerprint
 from pipelines.saliency import masked_step, saliency_masks
 from pipelines.uce import replace_word, uce_edit
 from xattn.attach import attach
+from xattn.denoiser import base_parameters, denoiser, has_ip_adapter
 from xattn.resteer import ConceptAttention
-from xattn.tokens import WORD, pipeline_word_tokens
+from xattn.tokens import WORD, pipeline_tokenizers, pipeline_word_tokens
 
 METHODS = ("esd-x", "esd-x-strict", "esd-u", "fmn", "salun", "uce")
 GROUPS = ("esd-x", "esd-x-strict", "esd-u", "full")
@@ -68,7 +77,8 @@ _DEFAULTS = {
 
 
 def parameter_group(unet: torch.nn.Module, group: str) -> dict[str, torch.nn.Parameter]:
-    """The UNet parameters a method trains, by diffusers names.
+    """The UNet parameters a method trains, by diffusers names: the model's own (`xattn.denoiser.base_parameters`:
+    a LoRA layer's base weight, never an adapter's or a fused copy).
 
     esd-x: every cross-attention projection (attn2 q, k, v, out); esd-x-strict: attn2 keys and
     values only; esd-u: the weights of every linear and convolution layer outside cross-attention;
@@ -76,20 +86,23 @@ def parameter_group(unet: torch.nn.Module, group: str) -> dict[str, torch.nn.Par
     """
     if group not in GROUPS:
         raise ValueError(f"unknown parameter group {group!r}; choose one of {', '.join(GROUPS)}")
+    own = base_parameters(unet)
     if group == "full":
-        return dict(unet.named_parameters())
-    chosen = {}
-    for module_name, module in unet.named_modules():
-        cross = ".attn2." in f".{module_name}." or module_name.endswith("attn2")
+        return own
+    root, chosen = denoiser(unet), {}
+    for name, param in own.items():
+        layer = name.rsplit(".", 1)[0]
+        module = root.get_submodule(layer)
+        module = getattr(module, "base_layer", module)
+        cross = ".attn2." in f".{layer}."
         if group == "esd-x-strict":
-            keep = module_name.endswith(("attn2.to_k", "attn2.to_v"))
+            keep = layer.endswith(("attn2.to_k", "attn2.to_v"))
         elif group == "esd-x":
             keep = cross and isinstance(module, torch.nn.Linear)
         else:
             keep = not cross and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
         if keep:
-            for param_name, param in module.named_parameters(recurse=False):
-                chosen[f"{module_name}.{param_name}"] = param
+            chosen[name] = param
     return chosen
 
 
@@ -159,7 +172,7 @@ def check_concept(pipe: DiffusionPipeline, concept: str) -> None:
     words = WORD.findall(concept)
     if not words:
         raise ValueError("name the concept to erase in words, e.g. --concept circle")
-    for tokenizer in filter(None, (pipe.tokenizer, getattr(pipe, "tokenizer_2", None))):
+    for tokenizer in pipeline_tokenizers(pipe):
         vocab = tokenizer.get_vocab()
         for word in words:
             if f"{word.lower()}</w>" not in vocab:
@@ -182,26 +195,28 @@ def _guided(settings: UnlearnSettings, prompts: list[str]) -> list[str]:
     return [replace_word(p, settings.concept, settings.guide) if settings.guide.strip() else "" for p in prompts]
 
 
-def _texts(pipe: DiffusionPipeline, prompts: list[str], side: int) -> TextConditioning:
-    with torch.no_grad():
-        return encode_text(pipe, prompts, side)[0]
-
-
 def _own_images(pipe: DiffusionPipeline, prompts: list[str], per_prompt: int, settings: UnlearnSettings, seed: int) -> torch.Tensor:
-    """Latents of the base model's own images of `prompts` (per_prompt each), seeded."""
-    side = check_size(pipe, None)
+    """Latents of the base model's own images of `prompts` (per_prompt each, image i from the noise of seed + i), drawn
+    with guided DDIM whatever sampler the pipeline carries."""
+    size = image_size(pipe)
     repeated = [p for p in prompts for _ in range(per_prompt)]
-    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(repeated))]
-    pipe.set_progress_bar_config(disable=True)
+    latent = (pipe.unet.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+    noise = torch.cat([randn_tensor((1, *latent), generator=torch.Generator(device="cpu").manual_seed(seed + i), dtype=pipe.unet.dtype)
+                       for i in range(len(repeated))]).to(pipe.unet.device)
+    scheduler = ddim_from(pipe.scheduler)
+    levels = ddim_levels(scheduler, settings.sample_steps)
     with torch.no_grad():
-        return pipe(repeated, num_inference_steps=settings.sample_steps, guidance_scale=settings.start_guidance,
-                    generator=generators, height=side, width=side, output_type="latent").images
+        cond, uncond = encode_text(pipe, repeated, size)
+    batches = [ddim_sample(pipe, noise[i : i + 8], cond.take(list(range(i, min(i + 8, len(repeated))))),
+                           uncond.take(list(range(i, min(i + 8, len(repeated))))), levels, scheduler.config.prediction_type,
+                           settings.start_guidance) for i in range(0, len(repeated), 8)]
+    return torch.cat(batches)
 
 
 def _user_latents(pipe: DiffusionPipeline, images: list[ImageSource]) -> torch.Tensor:
     """The latents of the user's images of the concept, sized to the model as `edit --image` does."""
-    side = check_size(pipe, None)
-    return torch.cat([image_to_latent(pipe, prepare_image(image, side).image) for image in images])
+    size = image_size(pipe)
+    return torch.cat([image_to_latent(pipe, prepare_image(image, size).image) for image in images])
 
 
 def esd_target(e_anchor: torch.Tensor, e_concept: torch.Tensor, eta: float) -> torch.Tensor:
@@ -209,21 +224,39 @@ def esd_target(e_anchor: torch.Tensor, e_concept: torch.Tensor, eta: float) -> t
     return e_anchor - eta * (e_concept - e_anchor)
 
 
-def _denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet should predict for x_t under the scheduler's parametrisation."""
-    kind = scheduler.config.prediction_type
+def denoising_target(process: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict for x_t under the model's parametrisation (epsilon, v or the sample)."""
+    kind = process.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
+        return process.get_velocity(latents, noise, t)
     return latents
 
 
-def _noised(scheduler, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, noise, t) for a uniformly drawn training timestep per row."""
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-    noise = randn_tensor(latents.shape, generator=generator, dtype=latents.dtype)
-    return scheduler.add_noise(latents, noise, t), noise, t
+def forward_process(scheduler) -> DDPMScheduler:
+    """The model's forward (noising) process, from its scheduler's config: DDPM's alpha-bars from the betas the model
+    was trained with, whatever sampler the pipeline carries (Euler's `add_noise` works on its own sigmas and steps)."""
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+def noised(process: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, noise, t) for a uniformly drawn training timestep per row: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""
+    t = torch.randint(0, process.config.num_train_timesteps, (len(latents),), generator=generator)
+    noise = randn_tensor(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    return process.add_noise(latents, noise, t.to(latents.device)), noise, t
+
+
+def _unfused_copy(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The UNet to train: a float32 copy (Adam's state and small updates need it; fp16 steps give NaN), reading
+    separate query/key/value projections even where the pipeline's are fused, so the trained weights are the ones
+    the erasure names."""
+    unet = copy.deepcopy(denoiser(pipe)).float().train(False)
+    unet.requires_grad_(False)
+    fused = {key: AttnProcessor2_0() for key, processor in unet.attn_processors.items() if isinstance(processor, FusedAttnProcessor2_0)}
+    if fused:
+        unet.set_attn_processor({**unet.attn_processors, **fused})
+    return unet
 
 
 class _Trainer:
@@ -233,10 +266,12 @@ class _Trainer:
         self.pipe, self.settings = pipe, settings
         self.accelerator = Accelerator(mixed_precision=settings.precision, cpu=not torch.cuda.is_available())
         pipe.to(self.accelerator.device)
-        self.side = check_size(pipe, None)
+        self.size = image_size(pipe)
         self.generator = torch.Generator(device="cpu").manual_seed(settings.seed + self.accelerator.process_index)
-        self.unet = copy.deepcopy(pipe.unet).train(False)
-        self.unet.requires_grad_(False)
+        self.process = forward_process(pipe.scheduler)
+        self.sampler = ddim_from(pipe.scheduler)
+        self.levels = ddim_levels(self.sampler, settings.sample_steps)
+        self.unet = _unfused_copy(pipe)
         self.params = parameter_group(self.unet, settings.group)
         for p in self.params.values():
             p.requires_grad_(True)
@@ -244,14 +279,14 @@ class _Trainer:
         self.model, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
         self.step, self.losses, self.masks = 0, [], None
         self.contexts = list(settings.contexts)
-        self.context_text = _texts(pipe, self.contexts, self.side)
+        with torch.no_grad():
+            self.context_text, self.empty_text = encode_text(pipe, self.contexts, self.size)
+            self.guide_text = encode_text(pipe, _guided(settings, self.contexts), self.size)[0]
+            self.retain_text = encode_text(pipe, list(settings.preserve), self.size)[0] if settings.method == "salun" else None
         self.concept_columns = torch.zeros(len(self.contexts), self.context_text.embeds.shape[1], dtype=torch.bool)
         for row, prompt in enumerate(self.contexts):
             self.concept_columns[row, pipeline_word_tokens(pipe, prompt, settings.concept)] = True
-        self.guide_text = _texts(pipe, _guided(settings, self.contexts), self.side)
         self.forget = self.forget_rows = self.retain = None
-        if settings.method == "salun":
-            self.retain_text = _texts(pipe, list(settings.preserve), self.side)
         if saved is not None:
             self._restore(saved)
             return
@@ -276,47 +311,31 @@ class _Trainer:
         return torch.randint(0, total, (count,), generator=self.generator)
 
     def _predict(self, latents: torch.Tensor, t: torch.Tensor, text: TextConditioning, trained: bool = True) -> torch.Tensor:
-        """The trained copy's prediction (the frozen pipeline's with trained=False); texts are encoded on the device already."""
+        """The trained copy's float32 prediction (the frozen pipeline's, in its dtype, with trained=False)."""
         device = self.accelerator.device
-        return unet_output(self.pipe, latents.to(device), t.to(device), text, unet=self.model if trained else None)
+        if not trained:
+            return unet_output(self.pipe, latents.to(device, self.pipe.unet.dtype), t.to(device), text)
+        return unet_output(self.pipe, latents.to(device, torch.float32), t.to(device), text.to(torch.float32), unet=self.model)
 
     def _esd_loss(self) -> torch.Tensor:
         s, pipe = self.settings, self.pipe
-        row = self._sample(1, len(self.contexts))
+        row = self._sample(1, len(self.contexts)).tolist()
         stop = int(torch.randint(0, s.sample_steps, (1,), generator=self.generator))
-        latent = self.side // pipe.vae_scale_factor
-        start = randn_tensor((1, pipe.unet.config.in_channels, latent, latent), generator=self.generator, dtype=pipe.unet.dtype)
-        x = self._reference_latent(self.contexts[int(row)], start, stop)
-        t = pipe.scheduler.timesteps[stop].reshape(1)
-        x = pipe.scheduler.scale_model_input(x, t)
+        latent = (self.size[0] // pipe.vae_scale_factor, self.size[1] // pipe.vae_scale_factor)
+        start = randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=self.generator, dtype=pipe.unet.dtype)
         with torch.no_grad():
-            e_anchor = self._predict(x, t, self.guide_text.take(row.tolist()), trained=False)
-            e_concept = self._predict(x, t, self.context_text.take(row.tolist()), trained=False)
-            target = esd_target(e_anchor, e_concept, s.eta)
-        return F.mse_loss(self._predict(x, t, self.context_text.take(row.tolist())).float(), target.float())
-
-    def _reference_latent(self, prompt: str, start: torch.Tensor, stop: int) -> torch.Tensor:
-        """The frozen pipeline's latent after `stop` of its sampling steps from `start` (no steps: the noise itself)."""
-        s, pipe = self.settings, self.pipe
-        pipe.scheduler.set_timesteps(s.sample_steps)
-        if stop == 0:
-            return start.to(self.accelerator.device) * pipe.scheduler.init_noise_sigma
-
-        def halt(pipeline, step, timestep, tensors):
-            if step + 1 == stop:
-                pipeline._interrupt = True
-            return {}
-
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            latents = pipe(prompt, num_inference_steps=s.sample_steps, guidance_scale=s.start_guidance, latents=start,
-                           height=self.side, width=self.side, output_type="latent", callback_on_step_end=halt).images
-        return latents
+            x = ddim_sample(pipe, start.to(pipe.unet.device), self.context_text.take(row), self.empty_text.take(row), self.levels,
+                            self.sampler.config.prediction_type, s.start_guidance, stop)
+            t = torch.tensor([self.levels[stop].timestep])
+            e_anchor = self._predict(x, t, self.guide_text.take(row), trained=False)
+            e_concept = self._predict(x, t, self.context_text.take(row), trained=False)
+            target = esd_target(e_anchor.float(), e_concept.float(), s.eta)
+        return F.mse_loss(self._predict(x, t, self.context_text.take(row)).float(), target)
 
     def _forget_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, noise, t, context rows) for a batch of the concept's images."""
         picks = self._sample(self.settings.batch, len(self.forget))
-        x, noise, t = _noised(self.pipe.scheduler, self.forget[picks], self.generator)
+        x, noise, t = noised(self.process, self.forget[picks].float(), self.generator)
         return x, noise, t, self.forget_rows[picks]
 
     def _fmn_loss(self) -> torch.Tensor:
@@ -333,10 +352,10 @@ class _Trainer:
             target = self._predict(x, t, self.guide_text.take(rows.tolist()))
         forget = F.mse_loss(self._predict(x, t, self.context_text.take(rows.tolist())).float(), target.float())
         picks = self._sample(s.batch, len(self.retain))
-        latents = self.retain[picks]
-        xr, noise, tr = _noised(self.pipe.scheduler, latents, self.generator)
+        latents = self.retain[picks].float()
+        xr, noise, tr = noised(self.process, latents, self.generator)
         prompt_rows = (picks // s.images_per_prompt).tolist()
-        wanted = _denoising_target(self.pipe.scheduler, latents, noise, tr).to(self.accelerator.device)
+        wanted = denoising_target(self.process, latents, noise, tr.to(latents.device)).to(self.accelerator.device)
         retain = F.mse_loss(self._predict(xr, tr, self.retain_text.take(prompt_rows)).float(), wanted.float())
         return forget + s.retain_weight * retain
 
@@ -344,16 +363,16 @@ class _Trainer:
         """SalUn's mask: one pass over the concept's images with gradient ascent on the guided prediction's
         denoising loss; the top `saliency` share of weights by |summed gradient| may move."""
         s = self.settings
-        empty = _texts(self.pipe, [""], self.side)
         sums = {name: torch.zeros_like(p) for name, p in self.params.items()}
         for begin in range(0, len(self.forget), s.batch):
             picks = torch.arange(begin, min(begin + s.batch, len(self.forget)))
-            x, noise, t = _noised(self.pipe.scheduler, self.forget[picks], self.generator)
+            clean = self.forget[picks].float()
+            x, noise, t = noised(self.process, clean, self.generator)
             rows = self.forget_rows[picks].tolist()
             cond = self._predict(x, t, self.context_text.take(rows))
-            uncond = self._predict(x, t, empty.rows(len(rows)))
+            uncond = self._predict(x, t, self.empty_text.rows(len(rows)))
             guided = (1 + s.mask_guidance) * cond - s.mask_guidance * uncond
-            wanted = _denoising_target(self.pipe.scheduler, self.forget[picks], noise, t).to(guided.device)
+            wanted = denoising_target(self.process, clean, noise, t.to(clean.device)).to(guided.device)
             self.accelerator.backward(-F.mse_loss(guided.float(), wanted.float()))
             for name, p in self.params.items():
                 sums[name] += p.grad
@@ -371,6 +390,11 @@ class _Trainer:
     def train_step(self) -> float:
         with self.accelerator.autocast():
             loss = self.loss()
+        if not torch.isfinite(loss):
+            raise ValueError(
+                f"{self.settings.method} step {self.step + 1}: the loss is {loss.item()}; nothing was saved from this step. "
+                f"Lower the learning rate (now {self.settings.lr:g}) or train in float32 (precision='no')"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if self.masks is None:
@@ -434,6 +458,9 @@ def unlearn(
         raise ValueError(f"{settings.method} keeps no preserved prompts (only uce and salun do); leave out --preserve")
     if images and settings.method not in ("fmn", "salun"):
         raise ValueError(f"{settings.method} trains on prompts alone (only fmn and salun take images); leave out --images")
+    if settings.method != "uce" and has_ip_adapter(pipe):
+        raise ValueError(f"{settings.method} trains the UNet on text prompts alone, and this pipeline has an IP-Adapter loaded: "
+                         "pipe.unload_ip_adapter() first; the erasure applies with or without the adapter loaded again")
     began = time.perf_counter()
     if settings.method == "uce":
         tensors = uce_edit(pipe, settings.concept, list(settings.contexts), list(settings.preserve), guide=settings.guide,
@@ -454,12 +481,23 @@ def unlearn(
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic(trainer.state(), checkpoint)
     bar.close()
-    base = dict(pipe.unet.named_parameters())
-    tensors = {name: p.detach().cpu().clone() for name, p in trainer.params.items() if not torch.equal(p.detach(), base[name].detach())}
+    tensors = changed_tensors(base_parameters(pipe), trainer.params)
     seconds = time.perf_counter() - began
     losses = np.asarray(trainer.losses)
     return Unlearned(tensors, {"settings": asdict(settings), "seconds": seconds, "first_loss": float(losses[:10].mean()),
                                "last_loss": float(losses[-10:].mean())})
+
+
+def changed_tensors(base: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained tensors, in the model's dtype, that differ from the model's there; non-finite ones are refused."""
+    changed = {}
+    for name, value in trained.items():
+        value = value.detach().to("cpu", base[name].dtype)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"training left non-finite values in {name}; nothing was saved. Lower the learning rate")
+        if not torch.equal(value, base[name].detach().cpu()):
+            changed[name] = value
+    return changed
 
 
 def erase(

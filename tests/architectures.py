@@ -1,4 +1,12 @@
-"""Tiny random-weight pipelines of the real architectures, built offline, for coverage tests."""
+"""Tiny random-weight pipelines built like the real ones, offline, for coverage tests.
+
+Each follows its model's published configuration where it matters to xattn: SD 1.5's PNDM
+scheduler (skip_prk_steps, steps_offset 1), SD 2.1-v's v-prediction DDIM and linear projections,
+SDXL's two text encoders, size ids and Euler scheduler, the SDXL refiner's img2img pipeline with
+only the second text encoder and aesthetic-score ids. `SETUPS` adds what users load on top: fused
+projections, attention slicing, FreeU, peft LoRA, IP-Adapter, float16 and bfloat16,
+`torch.compile`, and the img2img and inpaint pipelines.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +14,36 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from shapes import MODEL_PATH
+
+# The schedulers' published configurations (scheduler/scheduler_config.json of each model).
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False)
+SD21_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                      steps_offset=1, prediction_type="v_prediction")
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+                      timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon", use_karras_sigmas=False)
+IMAGE_EMBED = 16  # the tiny image encoder's projection width
 
 
 def _tokenizer() -> CLIPTokenizer:
@@ -30,64 +61,152 @@ def _vae() -> AutoencoderKL:
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
 
 
-def _scheduler(prediction: str = "epsilon") -> DDIMScheduler:
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction)
-
-
-def _sd(unet: UNet2DConditionModel, prediction: str = "epsilon") -> StableDiffusionPipeline:
+def _sd(unet: UNet2DConditionModel, scheduler) -> StableDiffusionPipeline:
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=_tokenizer(), unet=unet,
-                                   scheduler=_scheduler(prediction), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def sd1() -> StableDiffusionPipeline:
-    """SD 1.x layout, 16x16 latent: cross-attention at 16x16 and 8x8 (down, up) and 4x4 (mid)."""
+def _sd1_unet(sample_size: int, channels: tuple[int, ...], down: tuple[str, ...], up: tuple[str, ...]) -> UNet2DConditionModel:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=32,
-                                attention_head_dim=2, norm_num_groups=32,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    return _sd(unet)
+    return UNet2DConditionModel(sample_size=sample_size, block_out_channels=channels, layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=2, norm_num_groups=32, down_block_types=down, up_block_types=up)
+
+
+def sd1() -> StableDiffusionPipeline:
+    """SD 1.5 layout and scheduler (PNDM), 16x16 latent: cross-attention at 16x16 and 8x8 (down, up) and 4x4 (mid)."""
+    unet = _sd1_unet(16, (32, 64, 64), ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                     ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    return _sd(unet, PNDMScheduler.from_config(SD15_SCHEDULER))
 
 
 def sd1_64() -> StableDiffusionPipeline:
-    """SD 1.x's four levels at a 64x64 latent: cross-attention at 64, 32, 16 and 8 (mid)."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, block_out_channels=(32, 32, 32, 32), layers_per_block=1, cross_attention_dim=32,
-                                attention_head_dim=2, norm_num_groups=32,
-                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    return _sd(unet)
+    """SD 1.5's four levels at a 64x64 latent: cross-attention at 64, 32, 16 and 8 (mid)."""
+    unet = _sd1_unet(64, (32, 32, 32, 32), ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    return _sd(unet, PNDMScheduler.from_config(SD15_SCHEDULER))
 
 
 def sd2_v() -> StableDiffusionPipeline:
-    """SD 2.x: linear projections, per-block head dims, upcast attention, v-prediction."""
+    """SD 2.1-v: linear projections, per-block head dims, upcast attention, v-prediction DDIM."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                                 attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=32,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    return _sd(unet, "v_prediction")
+    return _sd(unet, DDIMScheduler.from_config(SD21_SCHEDULER))
+
+
+def _sdxl_unet(cross: int, time_ids: int, pooled: int) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=cross,
+                                attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=pooled + time_ids * 8, norm_num_groups=32,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 
 
 def sdxl() -> StableDiffusionXLPipeline:
-    """SDXL: two text encoders, added time ids, two transformer layers in the deeper block."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
-                                attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-                                projection_class_embeddings_input_dim=80, norm_num_groups=32,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    """SDXL base: two text encoders, six size ids, two transformer layers in the deeper block, Euler."""
+    unet = _sdxl_unet(cross=64, time_ids=6, pooled=32)
     pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config()),
                                      text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer=_tokenizer(),
-                                     tokenizer_2=_tokenizer(), unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
+                                     tokenizer_2=_tokenizer(), unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+                                     force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_refiner() -> StableDiffusionXLImg2ImgPipeline:
+    """SDXL's refiner: img2img, the second text encoder only, five ids (size, crop, aesthetic score)."""
+    unet = _sdxl_unet(cross=64, time_ids=5, pooled=64)
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=_vae(), text_encoder=None, text_encoder_2=CLIPTextModelWithProjection(_text_config(64)),
+                                            tokenizer=None, tokenizer_2=_tokenizer(), unet=unet,
+                                            scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), requires_aesthetics_score=True,
+                                            force_zeros_for_empty_prompt=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 ARCHITECTURES = {"sd1": sd1, "sd1-64": sd1_64, "sd2-v": sd2_v, "sdxl": sdxl}
+
+
+def _with_image_encoder(pipe):
+    torch.manual_seed(1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                              patch_size=8, projection_dim=IMAGE_EMBED)
+    pipe.register_modules(image_encoder=CLIPVisionModelWithProjection(vision),
+                          feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    return pipe
+
+
+def load_ip_adapter(pipe) -> None:
+    """A random IP-Adapter (base kind: 4 image tokens) in diffusers' own loader format, and a tiny image encoder."""
+    unet = pipe.unet
+    cross = unet.config.cross_attention_dim
+    torch.manual_seed(2)
+    projection = {"proj.weight": torch.randn(4 * cross, IMAGE_EMBED) * 0.2, "proj.bias": torch.zeros(4 * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    layers, key = {}, 1
+    modules = dict(unet.named_modules())
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            inner = modules[name.removesuffix(".processor")].to_k.out_features
+            layers[f"{key}.to_k_ip.weight"] = torch.randn(inner, cross) * 0.2
+            layers[f"{key}.to_v_ip.weight"] = torch.randn(inner, cross) * 0.2
+            key += 2
+    unet._load_ip_adapter_weights([{"image_proj": projection, "ip_adapter": layers}])
+    _with_image_encoder(pipe)
+
+
+def add_lora(pipe) -> None:
+    """A peft LoRA on every attention projection, with random (nonzero) up and down weights."""
+    from peft import LoraConfig
+
+    torch.manual_seed(3)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+
+
+def _variant(base, *changes):
+    def build():
+        pipe = base()
+        for change in changes:
+            change(pipe)
+        return pipe
+
+    return build
+
+
+def _sibling(base, cls):
+    def build():
+        pipe = cls.from_pipe(base())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return build
+
+
+SETUPS = {
+    "sd15": sd1,
+    "sd15+fused": _variant(sd1, lambda p: p.unet.fuse_qkv_projections()),
+    "sd15+slicing": _variant(sd1, lambda p: p.enable_attention_slicing(1)),
+    "sd15+freeu": _variant(sd1, lambda p: p.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)),
+    "sd15+lora": _variant(sd1, add_lora),
+    "sd15+ip-adapter": _variant(sd1, load_ip_adapter),
+    "sd15+fp16": _variant(sd1, lambda p: p.to(dtype=torch.float16)),
+    "sd15+bf16": _variant(sd1, lambda p: p.to(dtype=torch.bfloat16)),
+    "sd15+compile": _variant(sd1, lambda p: setattr(p, "unet", torch.compile(p.unet, backend="eager"))),
+    "sd15-img2img": _sibling(sd1, StableDiffusionImg2ImgPipeline),
+    "sd15-inpaint": _sibling(sd1, StableDiffusionInpaintPipeline),
+    "sd21-v": sd2_v,
+    "sdxl": sdxl,
+    "sdxl+fp16": _variant(sdxl, lambda p: p.to(dtype=torch.float16)),
+    "sdxl+lora": _variant(sdxl, add_lora),
+    "sdxl+ip-adapter": _variant(sdxl, load_ip_adapter),
+    "sdxl-img2img": _sibling(sdxl, StableDiffusionXLImg2ImgPipeline),
+    "sdxl-inpaint": _sibling(sdxl, StableDiffusionXLInpaintPipeline),
+    "sdxl-refiner": sdxl_refiner,
+}

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 import xattn
 from tests.architectures import ARCHITECTURES
@@ -153,3 +154,29 @@ def test_conditional_calls_treat_any_batch_as_conditional_rows():
     with state.conditional_calls():
         assert state.layout.cond(2) == slice(0, 2)
     assert state.layout.cond(6) == slice(3, 6)
+
+
+def test_traced_prompt_embeds_need_the_text_for_word_maps():
+    pipe = ARCHITECTURES["sd1"]()
+    embeds = pipe.encode_prompt([PROMPTS[0]], "cpu", 1, False)[0]
+    with xattn.trace(pipe) as given:
+        pipe(prompt_embeds=embeds, num_inference_steps=2, output_type="np", height=32, width=32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="made from prompt_embeds.*word_maps\\(prompt="):
+        given.word_maps()
+    with xattn.trace(pipe) as typed:
+        pipe(PROMPTS[0], num_inference_steps=2, output_type="np", height=32, width=32, generator=torch.Generator().manual_seed(0))
+    named, expected = given.word_maps(prompt=PROMPTS[0]), typed.word_maps()
+    assert list(named) == list(expected) and all(np.allclose(named[w], expected[w], atol=1e-5) for w in named)
+
+
+def test_unknown_processors_are_refused_by_name_before_anything_changes():
+    class Custom(AttnProcessor2_0):
+        pass
+
+    pipe = ARCHITECTURES["sd1"]()
+    pipe.unet.set_attn_processor(Custom())
+    before = pipe.unet.attn_processors
+    with pytest.raises(TypeError, match="cannot take over the attention processor Custom at down_blocks"):
+        with xattn.attach(pipe, xattn.Controller()):
+            pass
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())

@@ -74,21 +74,39 @@ def test_no_guidance_is_plain_generation(pipe):
     assert torch.allclose(result.step_maps.amax(dim=(-2, -1)), torch.ones(5, 1, 2))
 
 
-def test_attend_and_excite_matches_diffusers_pipeline(pipe, caplog):
-    # diffusers' pipeline normalises over every token but the first and last and updates at i < max_iter_to_alter.
+def test_attend_and_excite_preset_is_the_authors_algorithm(pipe, caplog):
+    """diffusers' pipeline runs the authors' loop: the token softmax over every position but the first and the
+    last, and a refinement whose next update is decided by the loss from before the last one."""
     tokens = [word_tokens(pipe.tokenizer, PROMPT, w)[0] for w in ("circle", "square")]
     reference = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in pipe.components.items() if k != "image_encoder"},
                                                        requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
-    with caplog.at_level(logging.ERROR):
+    with caplog.at_level(logging.ERROR):  # the preset at 8 steps: refinement at steps 0, 2 and 3, updates while step < 4
         expected = reference(PROMPT, token_indices=tokens, num_inference_steps=8, guidance_scale=5.0, max_iter_to_alter=4,
-                             thresholds={}, attn_res=(16, 16), generator=torch.Generator().manual_seed(1), output_type="np").images[0]
-    settings = method_settings("attend-excite", text_tokens="all", refinement={})
-    ours = compose(pipe, PROMPT, ["circle", "square"], settings=settings, seed=1, steps=8, output_type="np")
+                             thresholds={0: 0.05, 2: 0.5, 3: 0.8}, attn_res=(16, 16), generator=torch.Generator().manual_seed(1),
+                             output_type="np").images[0]
+    ours = compose(pipe, PROMPT, ["circle", "square"], method="attend-excite", seed=1, steps=8, output_type="np")
+    early = compose(pipe, PROMPT, ["circle", "square"], settings=method_settings("attend-excite", stop_when_met=True), seed=1, steps=8,
+                    output_type="np")
     plain = compose(pipe, PROMPT, ["circle", "square"], method="none", seed=1, steps=8, output_type="np")
     assert np.abs(ours.images[0] - expected).max() < 1e-3
+    assert np.abs(early.images[0] - expected).max() > 1e-2  # the refinement ran, and stopping when met is another algorithm
     assert np.abs(plain.images[0] - expected).max() > 0.05  # the guidance changed the picture
     assert not ours.losses[:4].isnan().any() and ours.losses[4:].isnan().all()
+
+
+def test_call_options_reach_the_pipeline(pipe):
+    common = dict(seed=3, steps=4, height=64, width=96, negative_prompt="green", num_images_per_prompt=2, output_type="np")
+    result = compose(pipe, PROMPT, ["circle", "square"], method="none", **common)
+    plain = pipe([PROMPT] * 2, num_inference_steps=4, guidance_scale=5.0, height=64, width=96, negative_prompt=["green"] * 2,
+                 generator=[torch.Generator().manual_seed(s) for s in (3, 4)], output_type="np").images
+    assert result.images[0].shape == (64, 96, 3)
+    assert np.abs(np.stack(result.images) - plain).max() < 1e-4  # explicit probabilities in the recorded layers: rounding apart
+    assert result.step_maps.shape == (4, 2, 2, 8, 12)  # the 16x24 latent's cross-attention grid nearest 16: 8x12
+    left = np.zeros((64, 96))
+    left[16:48, :40] = 1
+    laid = compose(pipe, PROMPT, ["circle", "square"], layout={"circle": left}, **common)
+    assert np.isfinite(laid.images[0]).all() and not laid.losses.isnan().any()
 
 
 def test_updates_and_refinements_run_on_their_steps(pipe):
@@ -139,7 +157,7 @@ def test_a_layout_mask_places_a_concept(pipe):
 def test_guidance_runs_on_every_architecture(name):
     arch = ARCHITECTURES[name]()
     side = arch.unet.config.sample_size * arch.vae_scale_factor
-    result = compose(arch, "a red circle and a blue square", ["circle", "square"], steps=3, size=side, output_type="np")
+    result = compose(arch, "a red circle and a blue square", ["circle", "square"], steps=3, height=side, width=side, output_type="np")
     expected_side = {"sd1-64": 16, "sd2-v": 16, "sdxl": 8}[name]  # the cross-attention side nearest 16
     assert result.step_maps.shape == (3, 1, 2, expected_side, expected_side)
     assert not result.losses.isnan().any() and result.images[0].shape == (side, side, 3)

@@ -149,20 +149,20 @@ def test_cache_is_keyed_by_image_caption_model_and_settings(shapes_pipe, tmp_pat
 
 def test_prepare_image_fits_any_input_and_says_what_it_did(tmp_path):
     rgba = Image.new("RGBA", (80, 64), (255, 0, 0, 0))
-    prepared = prepare_image(rgba, 32)
+    prepared = prepare_image(rgba, (32, 32))
     assert prepared.image.size == (32, 32) and prepared.image.mode == "RGB"
     assert np.asarray(prepared.image)[16, 16].tolist() == [255, 255, 255]
     assert prepared.notes == ["transparent pixels composited on white", "centre-cropped 80x64 to 64x64", "resized 64x64 to the model's 32x32"]
     grey = tmp_path / "grey.png"
     Image.new("L", (32, 32), 128).save(grey)
-    assert prepare_image(grey, 32).notes == ["converted from mode L to RGB"]
-    assert prepare_image(np.zeros((32, 32, 3), np.float32), 32).notes == []
+    assert prepare_image(grey, (32, 32)).notes == ["converted from mode L to RGB"]
+    assert prepare_image(np.zeros((32, 32, 3), np.float32), (32, 32)).notes == []
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match="could not read .*notes.txt as an image"):
-        prepare_image(tmp_path / "notes.txt", 32)
+        prepare_image(tmp_path / "notes.txt", (32, 32))
     with pytest.raises(FileNotFoundError, match="no image file"):
-        prepare_image(tmp_path / "missing.png", 32)
+        prepare_image(tmp_path / "missing.png", (32, 32))
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
-        prepare_image(np.full((8, 8, 3), 2.0), 32)
+        prepare_image(np.full((8, 8, 3), 2.0), (32, 32))
     with pytest.raises(ValueError, match="shape"):
-        prepare_image(np.zeros((8, 8, 2), np.uint8), 32)
+        prepare_image(np.zeros((8, 8, 2), np.uint8), (32, 32))

@@ -96,6 +96,8 @@ def test_retention_is_eq3_summed_over_concepts():
     assert losses.retention_loss(maps, mask).item() == pytest.approx(1 - 1.5 / 4.0)
     two = torch.cat([maps, mask], 1)
     assert losses.retention_loss(two, torch.cat([mask, mask], 1)).item() == pytest.approx(1 - 1.5 / 4.0 + 0.5)
+    unknown = torch.cat([mask, torch.full_like(mask, float("nan"))], 1)  # the second concept has no target yet
+    assert losses.retention_loss(two, unknown).item() == pytest.approx(1 - 1.5 / 4.0)
 
 
 def test_retention_gradient_pulls_attention_into_the_mask():

@@ -5,12 +5,24 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
 from pipelines.erasure import apply_erasure, load_erasure, read_metadata
 from pipelines.loading import load_pipeline
-from pipelines.uce import erase_pairs, replace_word, uce_edit
-from pipelines.unlearn import CHECKPOINT, UnlearnSettings, erase, esd_target, parameter_group, unlearn
+from pipelines.uce import erase_pairs, read_weight, replace_word, uce_edit
+from pipelines.unlearn import (
+    CHECKPOINT,
+    UnlearnSettings,
+    denoising_target,
+    erase,
+    esd_target,
+    forward_process,
+    noised,
+    parameter_group,
+    unlearn,
+)
 from shapes.judge import read_objects
-from tests.architectures import ARCHITECTURES
+from tests.architectures import ARCHITECTURES, SD15_SCHEDULER
 from xattn.controller import explicit_probs
 from xattn.resteer import ConceptAttention, resteer_loss
 from xattn.sites import Layer, Site
@@ -165,3 +177,63 @@ def test_methods_run_on_sd_architectures(arch):
         kept = ("a photo of a dog",) if method == "salun" else ()
         trained = unlearn(pipe, small(method, steps=1, preserve=kept, **settings), progress=False)
         assert trained.tensors, method
+
+
+def test_training_noise_is_the_models_forward_process_whatever_the_sampler():
+    euler = EulerDiscreteScheduler.from_config(SD15_SCHEDULER)
+    process = forward_process(euler)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x, noise, t = noised(process, latents, torch.Generator().manual_seed(1))
+    alpha = DDPMScheduler.from_config(SD15_SCHEDULER).alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    assert torch.allclose(x, alpha.sqrt() * latents + (1 - alpha).sqrt() * noise, atol=1e-6)
+    assert (x - latents).abs().amin() > 0  # Euler's add_noise at these t would hand back the clean latents
+    v = DDPMScheduler.from_config(SD15_SCHEDULER, prediction_type="v_prediction")
+    assert torch.allclose(denoising_target(v, latents, noise, t), alpha.sqrt() * noise - (1 - alpha).sqrt() * latents, atol=1e-6)
+    assert torch.equal(denoising_target(process, latents, noise, t), noise)
+
+
+@pytest.mark.parametrize("method", ["esd-x", "fmn", "salun"])
+def test_training_does_not_depend_on_the_pipelines_sampler(method):
+    settings = small(method, steps=2, contexts=("a photo of a cat",), guide="dog", concept="cat",
+                     preserve=("a photo of a dog",) if method == "salun" else ())
+    results = []
+    for scheduler in (DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler):
+        pipe = ARCHITECTURES["sd1"]()
+        pipe.scheduler = scheduler.from_config(SD15_SCHEDULER)
+        results.append(unlearn(pipe, settings, progress=False).tensors)
+    assert results[0] and all(r.keys() == results[0].keys() for r in results)
+    assert all(torch.equal(r[n], results[0][n]) for r in results for n in r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_pipelines_train_in_float32_and_get_their_dtype_back(dtype):
+    pipe = ARCHITECTURES["sd1"]().to(dtype=dtype)
+    settings = dict(contexts=("a photo of a cat",), guide="dog", concept="cat")
+    for method in ("esd-x", "fmn"):
+        tensors = unlearn(pipe, small(method, steps=2, **settings), progress=False).tensors
+        assert tensors and all(t.dtype == dtype and torch.isfinite(t).all() for t in tensors.values()), method
+
+
+def test_a_diverging_run_stops_with_a_clear_error(pipe, tmp_path):
+    with pytest.raises(ValueError, match=r"the loss is (nan|inf).*Lower the learning rate"):
+        unlearn(pipe, small("esd-x", steps=6, lr=1e30), out=tmp_path, progress=False)
+
+
+def test_uce_under_lora_solves_on_what_the_layer_applies():
+    from tests.architectures import add_lora
+
+    pipe = ARCHITECTURES["sd1"]()
+    add_lora(pipe)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    layer = pipe.unet.get_submodule(name)
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+    assert torch.allclose(read_weight(layer), layer.base_layer.weight + delta, atol=1e-6)
+    edited = uce_edit(pipe, "cat", ["a photo of a cat"], ["a photo of a dog"], guide="dog")
+    assert f"{name}.weight" in edited and all(".base_layer" not in n and ".lora_" not in n for n in edited)
+    with torch.no_grad():
+        text = pipe.encode_prompt(["a photo of a cat", "a photo of a dog"], "cpu", 1, False)[0]
+        before = layer(text)
+        with apply_erasure(pipe, edited):
+            after = layer(text)  # base layer edited, adapter unchanged: the layer applies the solved map
+            assert torch.allclose(read_weight(layer), edited[f"{name}.weight"] + delta, atol=1e-5)
+    assert (after[0] - before[0]).abs().max() > 10 * (after[1] - before[1]).abs().max()  # the concept moves, the kept prompt hardly

@@ -134,7 +134,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
     concepts = _words(args.concepts)
     pipe = load_pipeline(args.model)
-    result = compose(pipe, args.prompt, concepts, method=args.method, num=args.num, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    result = compose(pipe, args.prompt, concepts, method=args.method, num_images_per_prompt=args.num, seed=args.seed, steps=args.steps, guidance=args.guidance)
     out = Path(args.out)
     for i, image in enumerate(result.images):
         seed = args.seed + i

@@ -9,8 +9,9 @@ Two alignments, as Prompt-to-Prompt uses them:
   the two token sequences; each target token gets its source index, or -1 when it is new.
 
 Both continue past the end of the text: the end-of-text token and the padding after it map to
-their counterparts, counted from each prompt's own end. (google/prompt-to-prompt maps them by
-absolute position, which shifts them whenever the prompts differ in length.)
+their counterparts, counted from each prompt's own end. (google/prompt-to-prompt maps a
+refinement's padding by absolute position, which shifts it whenever the prompts differ in
+length; `refine_mapper(..., by_position=True)` does so too.)
 """
 
 from __future__ import annotations
@@ -137,11 +138,12 @@ def align(source_ids: list[int], target_ids: list[int]) -> list[int]:
     return result
 
 
-def refine_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_mapper(tokenizer, source: str, target: str, by_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, kept) over the target's tokens: index[t] is the source token aligned with t (0 where
     none), kept[t] is 1 where there is one and 0 for tokens the target adds.
 
-    Mismatched tokens count as new: a refinement adds words, it does not swap them.
+    Mismatched tokens count as new: a refinement adds words, it does not swap them. The padding
+    after the end-of-text token maps from each prompt's end, or `by_position` (google's).
     """
     limit = tokenizer.model_max_length
     source_ids, target_ids = _token_ids(tokenizer, source), _token_ids(tokenizer, target)
@@ -152,5 +154,5 @@ def refine_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, to
         if s >= 0:
             index[t], kept[t] = s, 1.0
     for s, t in _tail(len(source_ids), len(target_ids), limit):
-        index[t], kept[t] = s, 1.0
+        index[t], kept[t] = (t if by_position else s), 1.0
     return index, kept

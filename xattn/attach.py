@@ -3,8 +3,12 @@
     with attach(pipe, controller) as state:
         pipe(prompt)
 
-On exit, normal or by an exception, the UNet gets back the very processor objects it had, its
-hook is removed, and the pipeline's `encode_prompt` is its own again.
+Each layer's processor is replaced by one that computes what it computed (plain, sliced, xformers
+or fused projections; an IP-Adapter's image attention kept) plus the controller; a processor
+class xattn does not know is refused by name before anything changes. On exit, normal or by an
+exception, the UNet gets back the very processor objects it had, its hook is removed, and the
+pipeline's `encode_prompt` is its own again. A `torch.compile`d UNet is attached through the
+module it wraps, so layers keep their diffusers names.
 """
 
 from __future__ import annotations
@@ -16,11 +20,27 @@ from contextlib import contextmanager
 
 import torch
 
+from diffusers.models.attention_processor import (
+    AttnProcessor,
+    AttnProcessor2_0,
+    AttnProcessorNPU,
+    FusedAttnProcessor2_0,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+
 from xattn.controller import Controller
+from xattn.denoiser import denoiser
 from xattn.processor import XAttnProcessor
 from xattn.sites import BatchLayout, layer_of
 
 _ATTACHED = "_xattn_attached"
+# Processors whose attention xattn's processor computes the same way (slicing and xformers only change memory and speed).
+_PLAIN = (AttnProcessor, AttnProcessor2_0, AttnProcessorNPU, SlicedAttnProcessor, XFormersAttnProcessor)
+_FUSED = (FusedAttnProcessor2_0,)
+_IMAGE = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 
 
 class CallState:
@@ -69,9 +89,9 @@ class CallState:
 def _layout_from_encode_prompt(signature: inspect.Signature, args, kwargs) -> BatchLayout:
     bound = signature.bind_partial(*args, **kwargs).arguments
     prompt = bound.get("prompt")
-    if prompt is None:
+    if prompt is None:  # prompt_embeds: the words are unknown
         embeds = bound.get("prompt_embeds")
-        prompts = ("",) * (embeds.shape[0] if embeds is not None else 1)
+        prompts = (None,) * (embeds.shape[0] if embeds is not None else 1)
     else:
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
     return BatchLayout(prompts, int(bound.get("num_images_per_prompt") or 1), bool(bound.get("do_classifier_free_guidance", True)))
@@ -84,10 +104,27 @@ def _attention_modules(unet) -> dict:
     return {f"{name}.processor": module for name, module in unet.named_modules() if hasattr(module, "get_processor")}
 
 
+def _replacement(key: str, processor, controller: Controller, state: CallState) -> XAttnProcessor:
+    """xattn's processor for a layer, computing what `processor` computes; an unknown class is refused by name."""
+    kind = type(processor)
+    if kind in _PLAIN:
+        return XAttnProcessor(layer_of(key), controller, state)
+    if kind in _FUSED:
+        return XAttnProcessor(layer_of(key), controller, state, fused=True)
+    if kind in _IMAGE:
+        return XAttnProcessor(layer_of(key), controller, state, image_branch=processor)
+    known = ", ".join(k.__name__ for k in (*_PLAIN, *_FUSED, *_IMAGE))
+    raise TypeError(
+        f"xattn cannot take over the attention processor {kind.__name__} at {key.removesuffix('.processor')}: it knows {known}. "
+        "Restore diffusers' processors (pipe.unet.set_default_attn_processor()) or remove what installed it, then attach again"
+    )
+
+
 @contextmanager
 def attach(target, controller: Controller) -> Iterator[CallState]:
     """Attach `controller` to every attention layer of `target` (a diffusers pipeline or UNet)."""
-    unet = getattr(target, "unet", target)
+    called = getattr(target, "unet", target)
+    unet = denoiser(target)
     if not hasattr(unet, "attn_processors"):
         raise TypeError(f"attach needs a diffusers pipeline with a UNet, or a UNet; got {type(target).__name__}")
     if getattr(unet, _ATTACHED, False):
@@ -95,11 +132,12 @@ def attach(target, controller: Controller) -> Iterator[CallState]:
     layers = _attention_modules(unet)
     original = {key: module.processor for key, module in layers.items()}
     state = CallState()
-    encode = getattr(target, "encode_prompt", None) if target is not unet else None
-    hook = unet.register_forward_pre_hook(state.before_unet, with_kwargs=True)
+    replacements = {key: _replacement(key, processor, controller, state) for key, processor in original.items()}
+    encode = getattr(target, "encode_prompt", None) if target is not called and target is not unet else None
+    hook = called.register_forward_pre_hook(state.before_unet, with_kwargs=True)
     try:
         for key, module in layers.items():
-            module.set_processor(XAttnProcessor(layer_of(key), controller, state))
+            module.set_processor(replacements[key])
         setattr(unet, _ATTACHED, True)
         if encode is not None:
             signature = inspect.signature(encode)

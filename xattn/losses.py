@@ -104,8 +104,14 @@ def segregation_loss(maps: torch.Tensor) -> torch.Tensor:
 
 
 def retention_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """A-STAR Eq. 3: sum over concepts of 1 - overlap(map, binary mask), per row; 0.5 per concept at best."""
-    return (1 - _overlap(maps, masks.to(maps))).sum(-1)
+    """A-STAR Eq. 3: sum over concepts of 1 - overlap(map, binary mask), per row; 0.5 per concept at best.
+
+    A concept whose mask is NaN has no target yet (a user layout that names only some concepts,
+    before the first step's maps exist) and adds nothing.
+    """
+    known = ~masks.isnan().flatten(-2).any(-1)
+    terms = 1 - _overlap(maps, masks.nan_to_num(0.0).to(maps))
+    return (terms * known.to(maps)).sum(-1)
 
 
 def binary_masks(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -1,8 +1,13 @@
-"""The attention processor installed in every layer: diffusers' AttnProcessor2_0, plus a controller.
+"""The attention processor installed in every layer: the processor it replaces, plus a controller.
 
-It keeps every step of AttnProcessor2_0 (spatial norm, 4-D input, group norm, norm_cross,
-norm_q/k, the attention mask, to_out, residual connection, output rescale), so with a controller
-that needs nothing it computes exactly what the stock processor computes.
+It keeps every step of diffusers' AttnProcessor2_0 (spatial norm, 4-D input, group norm,
+norm_cross, norm_q/k, the attention mask, to_out, residual connection, output rescale), reads the
+projections the replaced processor reads (`to_qkv` / `to_kv` after `fuse_qkv_projections`), and
+adds an IP-Adapter's image attention when it replaces an IP-Adapter processor. So with a
+controller that needs nothing it computes exactly what the stock processor computes.
+
+It runs outside `torch.compile`'s graphs: the controller's per-step decisions are Python state
+that a compiled graph would otherwise be specialised on, and recompiled for, at every step.
 """
 
 from __future__ import annotations
@@ -11,17 +16,33 @@ import torch
 import torch.nn.functional as F
 
 from xattn.controller import Controller
+from xattn.ip_adapter import image_attention, split_context
 from xattn.sites import Layer, Site, query_resolution
 
 
 class XAttnProcessor:
-    def __init__(self, layer: Layer, controller: Controller, state) -> None:
+    def __init__(self, layer: Layer, controller: Controller, state, fused: bool = False, image_branch=None) -> None:
         self.layer = layer
         self.controller = controller
         self.state = state
+        self.fused = fused
+        self.image_branch = image_branch
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def _projections(self, attn, hidden_states, context):
+        """Query, key and value as the replaced processor computes them: separate or fused projections."""
+        if not self.fused:
+            source = hidden_states if context is None else context
+            return attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
+        if context is None:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
+
+    @torch.compiler.disable
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, ip_adapter_masks=None, *args, **kwargs):
         residual = hidden_states
+        images = None
+        if self.image_branch is not None and encoder_hidden_states is not None:
+            encoder_hidden_states, images = split_context(self.image_branch, encoder_hidden_states)
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
@@ -35,13 +56,9 @@ class XAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
+        if encoder_hidden_states is not None and attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -58,6 +75,10 @@ class XAttnProcessor:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if images is not None:
+            extra = image_attention(self.image_branch, query, images, ip_adapter_masks, attn.heads)
+            if extra is not None:
+                hidden_states = hidden_states + extra
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)

@@ -27,6 +27,20 @@ def layer_of(processor_key: str) -> Layer:
     return Layer(name, kind, place)
 
 
+def denoising_steps(timesteps) -> list[int]:
+    """The denoising step of each UNet call of a sampling loop: a step begins where the timestep changes.
+
+    Schedulers that call the UNet twice at one timestep (Heun; PNDM's first step) evaluate a point
+    predicted by the step before and then start the next step from there; both calls are one step,
+    as `CallState` counts them, so a run has as many steps as noise levels.
+    """
+    values = [float(t) for t in timesteps]
+    steps = [0] * len(values)
+    for call in range(1, len(values)):
+        steps[call] = steps[call - 1] + (values[call] != values[call - 1])
+    return steps
+
+
 def query_resolution(latent: tuple[int, int], queries: int) -> tuple[int, int]:
     """The (h, w) grid of `queries` tokens in a UNet whose input latent is `latent`.
 
@@ -41,17 +55,22 @@ def query_resolution(latent: tuple[int, int], queries: int) -> tuple[int, int]:
     return h, w
 
 
-def cross_resolutions(unet, latent: tuple[int, int]) -> list[int]:
-    """Sides of the query grids of the UNet's cross-attention layers at this latent size."""
-    sides, side = set(), max(latent)
+def cross_grids(unet, latent: tuple[int, int]) -> list[tuple[int, int]]:
+    """The (h, w) query grids of the UNet's cross-attention layers at this latent size, smallest first."""
+    grids, grid = set(), tuple(latent)
     for i, block in enumerate(unet.config.down_block_types):
         if "CrossAttn" in block:
-            sides.add(side)
+            grids.add(grid)
         if i < len(unet.config.down_block_types) - 1:
-            side = (side + 1) // 2
+            grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
     if "CrossAttn" in (unet.config.mid_block_type or ""):
-        sides.add(side)
-    return sorted(sides)
+        grids.add(grid)
+    return sorted(grids)
+
+
+def cross_resolutions(unet, latent: tuple[int, int]) -> list[int]:
+    """Sides (the longer one) of the query grids of the UNet's cross-attention layers at this latent size."""
+    return sorted({max(grid) for grid in cross_grids(unet, latent)})
 
 
 def nearest_cross_side(unet, latent: tuple[int, int], wanted: int) -> int:
@@ -65,9 +84,10 @@ class BatchLayout:
     """Rows of a UNet batch: [uncond p0..pB-1, cond p0..pB-1] with guidance, [cond ...] without.
 
     Each prompt's images are consecutive rows (diffusers repeats each prompt num_images_per_prompt times).
+    A prompt is None where the pipeline was given embeddings instead of text.
     """
 
-    prompts: tuple[str, ...]
+    prompts: tuple[str | None, ...]
     images_per_prompt: int = 1
     guidance: bool = True
 
@@ -85,7 +105,7 @@ class BatchLayout:
             return slice(rows // 2, rows)
         return slice(0, rows)
 
-    def prompt_of_row(self, row: int) -> str:
+    def prompt_of_row(self, row: int) -> str | None:
         return self.prompts[row // self.images_per_prompt]
 
 

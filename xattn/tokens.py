@@ -67,12 +67,25 @@ def word_tokens(tokenizer, prompt: str, word: str, occurrence: int | None = None
     return tokens
 
 
+def pipeline_tokenizers(pipe) -> list:
+    """The pipeline's tokenizers, first the one whose positions the maps are indexed by (SDXL's refiner has only tokenizer_2)."""
+    found = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer, so xattn cannot find a prompt's words in its attention")
+    return found
+
+
+def pipeline_tokenizer(pipe):
+    """The tokenizer whose token positions index the pipeline's cross-attention maps."""
+    return pipeline_tokenizers(pipe)[0]
+
+
 def pipeline_word_tokens(pipe, prompt: str, word: str, occurrence: int | None = None) -> list[int]:
     """Token indices of a word for a pipeline; with two text encoders (SDXL) both must agree."""
-    tokens = word_tokens(pipe.tokenizer, prompt, word, occurrence)
-    second = getattr(pipe, "tokenizer_2", None)
-    if second is not None:
-        other = word_tokens(second, prompt, word, occurrence)
-        if other != tokens:
-            raise ValueError(f"the two tokenizers place {word!r} at different tokens ({tokens} vs {other}); maps would disagree")
+    first, *others = pipeline_tokenizers(pipe)
+    tokens = word_tokens(first, prompt, word, occurrence)
+    for other in others:
+        found = word_tokens(other, prompt, word, occurrence)
+        if found != tokens:
+            raise ValueError(f"the two tokenizers place {word!r} at different tokens ({tokens} vs {found}); maps would disagree")
     return tokens

@@ -19,7 +19,7 @@ import torch
 from xattn.attach import CallState, attach
 from xattn import heatmap
 from xattn.store import AttentionStore
-from xattn.tokens import pipeline_word_tokens, prompt_words
+from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens, prompt_words
 
 
 class Trace:
@@ -27,8 +27,8 @@ class Trace:
         self.pipe, self.store, self.state = pipe, store, state
 
     @property
-    def prompts(self) -> list[str]:
-        """The prompt of each image of the traced call, in batch order."""
+    def prompts(self) -> list[str | None]:
+        """The prompt of each image of the traced call, in batch order (None where it was given as embeddings)."""
         layout = self.state.layout
         return [layout.prompt_of_row(r) for r in range(layout.conditional_rows)]
 
@@ -60,16 +60,23 @@ class Trace:
         words: Iterable[str] | None = None,
         image: int = 0,
         normalise: str = "minmax",
+        prompt: str | None = None,
         **select,
     ) -> dict[str, np.ndarray]:
         """One (H, W) map per word of that image's prompt (all words when none are named).
 
         A word made of several tokens gets the mean of their maps; with all words, a repeated
-        word appears once per occurrence, the later ones labelled "word#2", "word#3".
+        word appears once per occurrence, the later ones labelled "word#2", "word#3". `prompt`
+        names the text of an image the pipeline was given as `prompt_embeds`.
         """
         maps = self.token_maps(image, **select)
-        prompt = self.prompts[image]
-        spoken = [w for w in prompt_words(self.pipe.tokenizer, prompt) if w.tokens]
+        prompt = prompt or self.prompts[image]
+        if prompt is None:
+            raise ValueError(
+                f"image {image} was made from prompt_embeds, so its words are unknown: pass the text they encode, "
+                "word_maps(prompt='...'), or read token_maps(image) by token index"
+            )
+        spoken = [w for w in prompt_words(pipeline_tokenizer(self.pipe), prompt) if w.tokens]
         if words is None:
             seen: dict[str, int] = {}
             chosen = []
