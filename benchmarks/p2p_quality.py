@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from editors import LocalBlend, Refine, Reweight, Swap
+from editors.conventions import XATTN, Conventions
 from pipelines.edit import prompt_to_prompt
 from pipelines.images import psnr
 from pipelines.loading import load_pipeline
@@ -97,18 +98,21 @@ def psnr_outside(a: np.ndarray, b: np.ndarray, masks: list[np.ndarray]) -> float
     return psnr(a, b, ~ndimage.binary_dilation(np.any(masks, axis=0), iterations=2))
 
 
-def run_swaps(pipe, kind: str, seeds: int) -> dict:
-    variants = {
-        "injection": dict(),
-        "injection + local blend": "blend",
-        "no injection": dict(cross_steps=0, self_steps=0),
-    }
+SWAP_VARIANTS = {
+    "injection": dict(),
+    "injection + local blend": "blend",
+    "no injection": dict(cross_steps=0, self_steps=0),
+}
+
+
+def run_swaps(pipe, kind: str, seeds: int, variants: dict = SWAP_VARIANTS, conventions: Conventions = XATTN) -> dict:
     rows = {}
     for name, options in variants.items():
         present, exact, moved, psnrs, valid, began = [], [], [], [], 0, time.time()
         for i, (source, target, thing, wanted) in enumerate(pairs(kind, seeds)):
             extra = options if isinstance(options, dict) else dict(blend=LocalBlend([thing[1]], [wanted[1]]))
-            src_img, tgt_img = (np.rint(x * 255).astype(np.uint8) for x in prompt_to_prompt(pipe, [source, target], Swap(), seed=i, output_type="np", **extra).images)
+            src_img, tgt_img = (np.rint(x * 255).astype(np.uint8) for x in prompt_to_prompt(pipe, [source, target], Swap(), seed=i, output_type="np",
+                                                                                             conventions=conventions, **extra).images)
             if not match_caption(src_img, source).exact:
                 continue
             valid += 1
@@ -131,14 +135,15 @@ def run_swaps(pipe, kind: str, seeds: int) -> dict:
     return rows
 
 
-def run_refine(pipe, seeds: int) -> dict:
+def run_refine(pipe, seeds: int, conventions: Conventions = XATTN) -> dict:
     both, moved, valid = [], [], 0
     colours = list(COLOURS)
     for i in range(seeds):
         c, s = colours[i % 5], SHAPES[(i // 5) % 3]
         c2, s2 = colours[(i + 2) % 5], SHAPES[(i // 5 + 1) % 3]
         source, target = f"a {c} {s}", f"a {c} {s} and a {c2} {s2}"
-        src_img, tgt_img = (np.rint(x * 255).astype(np.uint8) for x in prompt_to_prompt(pipe, [source, target], Refine(), seed=i, output_type="np").images)
+        src_img, tgt_img = (np.rint(x * 255).astype(np.uint8) for x in prompt_to_prompt(pipe, [source, target], Refine(), seed=i, output_type="np",
+                                                                                         conventions=conventions).images)
         if not match_caption(src_img, source).exact:
             continue
         valid += 1
