@@ -63,9 +63,11 @@ def user_region(mask: np.ndarray | torch.Tensor, latent: tuple[int, int]) -> tor
     return F.interpolate(m[None, None], size=latent, mode="nearest")[0, 0] > 0
 
 
-def blend_latents(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Rows 1.. become source + mask * (row - source); mask is (targets, H, W) or (H, W)."""
-    source = latents[:1]
+def blend_latents(latents: torch.Tensor, mask: torch.Tensor, images: int = 1) -> torch.Tensor:
+    """Every target row becomes source + mask * (row - source), the source being the same image of the first
+    prompt: rows are each prompt's `images` images in turn; mask is (target rows, H, W) or (H, W)."""
+    source = latents[:images]
+    sources = source.repeat(len(latents) // images - 1, *[1] * (latents.ndim - 1))
     m = mask.to(latents.dtype)
     m = m[:, None] if m.ndim == 3 else m[None, None]
-    return torch.cat([source, source + m * (latents[1:] - source)])
+    return torch.cat([source, sources + m * (latents[images:] - sources)])

@@ -81,27 +81,36 @@ class BatchEdit:
         return BatchEdit(index(self.rows), weights(self.mix), index(self.own_rows), weights(self.own))
 
 
-def injected_rows(batch: int, first: int, targets: int) -> BatchEdit:
-    """Self-attention injection: the target rows (after the source at row `first`) read the source's map."""
+def injected_rows(batch: int, first: int, targets: int, images: int = 1) -> BatchEdit:
+    """Self-attention injection: with `images` images per prompt, the conditional rows from `first` on are the
+    source's images, then each target's; image j of every target reads image j of the source."""
     rows = torch.arange(batch)
-    rows[first + 1 : first + 1 + targets] = first
+    for target in range(1, targets + 1):
+        start = first + target * images
+        rows[start : start + images] = torch.arange(first, first + images)
     return BatchEdit(rows)
 
 
-def lay_out(edits: Sequence[CrossEdit], batch: int, first: int) -> BatchEdit:
+def lay_out(edits: Sequence[CrossEdit], batch: int, first: int, images: int = 1) -> BatchEdit:
     """Cross-attention edits over a batch of `batch` rows whose conditional rows start at `first`:
-    the source there, then the target of each edit, the last rows of the batch. The other rows
-    keep their own attention. A target whose map is the source's own, token for token (a swap of
-    words of as many tokens), needs no mixing of its values; when none needs it, no row is mixed."""
-    if first + 1 + len(edits) != batch:
-        raise ValueError(f"{len(edits)} target(s) after a source at row {first} fill {first + 1 + len(edits)} rows, not the batch's {batch}")
-    rows = injected_rows(batch, first, len(edits)).rows
+    the source's `images` images there, then those of the target of each edit, the last rows of
+    the batch. The other rows keep their own attention. A target whose map is the source's own,
+    token for token (a swap of words of as many tokens), needs no mixing of its values; when none
+    needs it, no row is mixed."""
+    rows_needed = first + (1 + len(edits)) * images
+    if rows_needed != batch:
+        raise ValueError(f"{len(edits)} target(s) after a source at row {first}, {images} image(s) each, fill {rows_needed} rows, "
+                         f"not the batch's {batch}")
+    rows = injected_rows(batch, first, len(edits), images).rows
     identity = torch.eye(edits[0].source.shape[0])
-    mix = None if all(torch.equal(edit.source, identity) for edit in edits) else torch.stack([edit.source for edit in edits])
-    own = [i for i, edit in enumerate(edits, start=first + 1) if edit.own.any()]
-    if not own:
+    mix = None
+    if not all(torch.equal(edit.source, identity) for edit in edits):
+        mix = torch.stack([edit.source for edit in edits]).repeat_interleave(images, 0)
+    owning = [i for i, edit in enumerate(edits) if edit.own.any()]
+    if not owning:
         return BatchEdit(rows, mix)
-    return BatchEdit(rows, mix, torch.tensor(own), torch.stack([edits[i - first - 1].own for i in own]))
+    own_rows = [first + (i + 1) * images + j for i in owning for j in range(images)]
+    return BatchEdit(rows, mix, torch.tensor(own_rows), torch.stack([edits[i].own for i in owning]).repeat_interleave(images, 0))
 
 
 def fused_outputs(plan: BatchEdit, query, key, value, mask=None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The Prompt-to-Prompt controller: conditional rows [source, target 1, target 2, ...].
+"""The Prompt-to-Prompt controller: conditional rows [source, target 1, target 2, ...], each prompt's
+`images` images consecutive (image j of every target is edited from image j of the source).
 
 Per the paper and google/prompt-to-prompt: only the conditional rows are edited (the
 unconditional rows keep their own attention), the source row is never changed, cross-attention
@@ -43,10 +44,12 @@ class PromptToPrompt(Controller):
         blend: BlendTokens | None = None,
         explicit: bool = False,
         store: AttentionStore | None = None,
+        images: int = 1,
     ) -> None:
         if schedules.shape[0] != len(edits):
             raise ValueError(f"{len(edits)} edits but {schedules.shape[0]} schedules; give one per target prompt")
         self.edits = list(edits)
+        self.images = images
         self.schedules = schedules
         self._injecting = schedules.any(2).any(0).tolist()  # per step: does any target take any source attention (asked per layer call)
         self.self_window = self_window
@@ -78,8 +81,9 @@ class PromptToPrompt(Controller):
 
     def attend_batch(self, site: Site, query, key, value, mask, cond: slice):
         rows = cond.stop - cond.start
-        if rows != len(self.edits) + 1:
-            raise ValueError(f"the batch has {rows} conditional rows; this edit needs 1 source + {len(self.edits)} target(s), one image each")
+        if rows != (len(self.edits) + 1) * self.images:
+            raise ValueError(f"the batch has {rows} conditional rows; this edit needs 1 source + {len(self.edits)} target(s), "
+                             f"{self.images} image(s) each")
         if site.kind == "self" or not self._needs_probs(site):
             return fused_outputs(self._plan(site, value, query.shape[0], cond.start), query, key, value, mask)
         return super().attend_batch(site, query, key, value, mask, cond)
@@ -87,13 +91,15 @@ class PromptToPrompt(Controller):
     def attend(self, site: Site, query, key, value, mask):
         """The conditional rows where someone reads the maps: explicit probabilities, then the fused output."""
         probs = explicit_probs(query, key, mask, site.scale)
-        edited = [edited_probs(e, probs[0], probs[i]) for i, e in enumerate(self._edits_at(site.step), start=1)]
+        k = self.images
+        edited = [edited_probs(e, probs[j], probs[i * k + j]) for i, e in enumerate(self._edits_at(site.step), start=1) for j in range(k)]
+        rows = torch.stack([*probs[:k], *edited])  # every conditional row's map as the edit makes it
         if self.store is not None:
-            self.store.record(site, torch.stack([probs[0], *edited]))
+            self.store.record(site, rows)
         if self._records(site):
-            self._record(site, probs[0], edited)
+            self._record(site, rows)
         if self.explicit:
-            return torch.stack([probs[0].to(value) @ value[0]] + [p.to(value) @ v for p, v in zip(edited, value[1:])])
+            return rows.to(value) @ value
         return fused_outputs(self._plan(site, value, query.shape[0], 0), query, key, value, mask)
 
     def _edits_at(self, step: int) -> list[CrossEdit]:
@@ -111,30 +117,35 @@ class PromptToPrompt(Controller):
         key = (site.kind, batch, first, value.dtype, value.device)
         plans = self._plans[1]
         if key not in plans:
-            plan = injected_rows(batch, first, len(self.edits)) if site.kind == "self" else lay_out(self._edits_at(site.step), batch, first)
+            edits = self._edits_at(site.step)
+            plan = injected_rows(batch, first, len(edits), self.images) if site.kind == "self" else lay_out(edits, batch, first, self.images)
             plans[key] = plan.to(value)
         return plans[key]
 
-    def _record(self, site: Site, source_probs: torch.Tensor, target_probs: list[torch.Tensor]) -> None:
-        """Add this layer's blend-word maps (summed over the words' tokens, mean over heads) to the running sums."""
+    def _record(self, site: Site, probs: torch.Tensor) -> None:
+        """Add this layer's blend-word maps (summed over the words' tokens, mean over heads) to the running sums:
+        per conditional row, the source's words on the source's images and each target's on its own."""
         h, w = site.resolution
-        blend = self.blend
+        blend, k = self.blend, self.images
 
-        def word_map(probs: torch.Tensor, tokens: tuple[int, ...]) -> torch.Tensor:
-            return probs[..., list(tokens)].sum(-1).mean(0).reshape(h, w).detach().float()
+        def word_map(row: torch.Tensor, tokens: tuple[int, ...]) -> torch.Tensor:
+            return row[..., list(tokens)].sum(-1).mean(0).reshape(h, w).detach().float()
 
-        maps = torch.stack([word_map(source_probs, blend.source)] + [word_map(p, t) for p, t in zip(target_probs, blend.targets)])
+        words = [blend.source] * k + [t for t in blend.targets for _ in range(k)]
+        maps = torch.stack([word_map(row, tokens) for row, tokens in zip(probs, words)])
         self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
         if any(blend.subtract):
-            sub = torch.stack([word_map(p, t) if t else torch.zeros(h, w) for p, t in zip(target_probs, blend.subtract)])
+            subtract = [t for t in blend.subtract for _ in range(k)]
+            sub = torch.stack([word_map(row, t) if t else torch.zeros(h, w) for row, t in zip(probs[k:], subtract)])
             self.subtract_maps = sub if self.subtract_maps is None else self.subtract_maps + sub
 
     def blend_region(self, latent: tuple[int, int], threshold: float, subtract_threshold: float) -> torch.Tensor:
-        """(targets, H, W) region the targets may change: union of source and target word regions, minus subtracted words."""
+        """(target rows, H, W) region the targets may change: union of source and target word regions, minus subtracted words."""
         if self.blend_maps is None:
             raise RuntimeError("no blend maps were recorded yet: local blending reads them from the first step on")
         words = region(self.blend_maps, latent, threshold, pool=True)
-        inside = words[:1] | words[1:]
+        k = self.images
+        inside = words[:k].repeat(len(self.edits), 1, 1) | words[k:]
         if self.subtract_maps is not None:
             inside = inside & ~region(self.subtract_maps, latent, subtract_threshold, pool=False)
         return inside

@@ -85,6 +85,7 @@ def prompt_to_prompt(
     steps: int = 25,
     guidance: float = 5.0,
     seed: int = 0,
+    num_images_per_prompt: int = 1,
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
@@ -103,7 +104,9 @@ def prompt_to_prompt(
     self_steps: the window in which they take its self-attention, at query grids up to
     self_resolution (default: the conventions', a quarter of the latent side: the paper's 16 at 512 px).
     Every prompt starts from the same noise (seed), and a stochastic sampler draws the same noise
-    for every prompt, so the source is plain generation of prompts[0] with that seed.
+    for every prompt, so the source is plain generation of prompts[0] with that seed. With
+    num_images_per_prompt=k, image j of every prompt starts from seed + j: k edits at once, the
+    images in order [source 0..k-1, target 1's 0..k-1, ...], each as its own call would make it.
     inversion: edit a real image (`pipelines.inversion.invert`) instead of generating the source;
     prompts[0] must be its caption, and sampling is DDIM from its inverted latent (seed unused).
     maps: also record every image's cross-attention maps, a target's as the edit made them (its
@@ -116,6 +119,11 @@ def prompt_to_prompt(
     prompts = list(prompts)
     if len(prompts) < 2:
         raise ValueError("Prompt-to-Prompt needs a source prompt and at least one target prompt")
+    images = num_images_per_prompt
+    if images < 1:
+        raise ValueError(f"num_images_per_prompt must be at least 1, got {images}")
+    if inversion is not None and images != 1:
+        raise ValueError("an inversion redraws one image: leave num_images_per_prompt at 1")
     if inversion is not None:
         if height is not None or width is not None:
             raise ValueError(f"the image was inverted at {inversion.size[0]}x{inversion.size[1]}; leave out height and width")
@@ -149,33 +157,34 @@ def prompt_to_prompt(
     blend_start = window(blend.start, count, "blend start")[1] if blend is not None else count
     store = AttentionStore() if maps else None
     self_side = self_resolution or conventions.self_side(latent)
-    controller = PromptToPrompt(cross, schedules, self_window, self_side, tokens, explicit, store)
+    controller = PromptToPrompt(cross, schedules, self_window, self_side, tokens, explicit, store, images)
 
     fixed_region = user_region(blend.mask, latent) if blend is not None and blend.mask is not None else None
-    images = image_embeds(pipe, call_options.pop("ip_adapter_image", None), call_options.pop("ip_adapter_image_embeds", None))
-    if images is not None:
-        call_options["ip_adapter_image_embeds"] = pipeline_image_embeds(images, len(prompts), guidance > 1)
+    pictures = image_embeds(pipe, call_options.pop("ip_adapter_image", None), call_options.pop("ip_adapter_image_embeds", None))
+    if pictures is not None:
+        call_options["ip_adapter_image_embeds"] = pipeline_image_embeds(pictures, len(prompts), guidance > 1)
 
     def on_step_end(pipeline, call: int, timestep, tensors):
         changed = inversion.on_step_end(call, tensors) if inversion is not None else {}
         if blend is not None and calls.steps[call] >= blend_start and calls.settles(call):
             latents = changed.get("latents", tensors["latents"])
             region = fixed_region if fixed_region is not None else controller.blend_region(latent, blend.threshold, blend.subtract_threshold)
-            changed["latents"] = blend_latents(latents, region.to(latents.device))
+            changed["latents"] = blend_latents(latents, region.to(latents.device), images)
         return changed
 
     if inversion is not None:
         call_options |= inversion.call_options(pipe, len(prompts))
     else:
-        call_options.setdefault("generator", [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts])
+        call_options.setdefault("generator", [torch.Generator(device="cpu").manual_seed(seed + j) for _ in prompts for j in range(images)])
         if "height" in inspect.signature(pipe.__call__).parameters:
             call_options |= {"height": size[0], "width": size[1]}
     if "negative_prompt_embeds" not in call_options:
         call_options["negative_prompt"] = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
     call_options = with_callback(call_options, on_step_end if blend is not None or inversion is not None else None, ["latents", "prompt_embeds"])
     with attach(pipe, controller) as state, ddim_sampling(pipe) if inversion is not None else nullcontext():
-        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type=output_type, **call_options).images
-    return EditResult(list(images), prompts, edits, Trace(pipe, store, state) if store is not None else None)
+        made = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=images, output_type=output_type,
+                    **call_options).images
+    return EditResult(list(made), prompts, edits, Trace(pipe, store, state) if store is not None else None)
 
 
 def parse_window(text: str) -> Window:

@@ -10,6 +10,8 @@ projections, attention slicing, FreeU, peft LoRA, IP-Adapter, float16 and bfloat
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -170,6 +172,15 @@ def add_lora(pipe) -> None:
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
 
 
+def load_lora(pipe) -> None:
+    """The same kind of LoRA, loaded as users load a file: `load_lora_weights` of a state dict in diffusers' format."""
+    from peft.utils import get_peft_model_state_dict
+
+    donor = copy.deepcopy(pipe)
+    add_lora(donor)
+    pipe.load_lora_weights({f"unet.{k}": v for k, v in get_peft_model_state_dict(donor.unet).items()})
+
+
 def _variant(base, *changes):
     def build():
         pipe = base()
@@ -194,7 +205,7 @@ SETUPS = {
     "sd15+fused": _variant(sd1, lambda p: p.unet.fuse_qkv_projections()),
     "sd15+slicing": _variant(sd1, lambda p: p.enable_attention_slicing(1)),
     "sd15+freeu": _variant(sd1, lambda p: p.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)),
-    "sd15+lora": _variant(sd1, add_lora),
+    "sd15+lora": _variant(sd1, load_lora),
     "sd15+ip-adapter": _variant(sd1, load_ip_adapter),
     "sd15+fp16": _variant(sd1, lambda p: p.to(dtype=torch.float16)),
     "sd15+bf16": _variant(sd1, lambda p: p.to(dtype=torch.bfloat16)),

@@ -137,7 +137,7 @@ def test_a_plan_mixes_values_and_makes_a_second_call_only_where_an_edit_needs_it
     assert plan.mix.shape[0] == 2 and torch.equal(plan.mix[0], EDITS[0].source) and torch.equal(plan.mix[1], EDITS[1].source)
     same_tokens = lay_out([swap(torch.eye(5)), swap(torch.eye(5))], 5, 2)  # "a red circle" -> "a blue circle"
     assert same_tokens.mix is None and same_tokens.own_rows is None
-    with pytest.raises(ValueError, match="fill 4 rows, not the batch's 6"):
+    with pytest.raises(ValueError, match="1 image\\(s\\) each, fill 4 rows, not the batch's 6"):
         lay_out(EDITS[:2], 6, 1)
 
 
@@ -157,3 +157,16 @@ def test_self_attention_injection_reads_the_source_map_with_each_rows_own_values
     for row, source in enumerate([0, 1, 2, 3, 3, 3]):
         expected = F.scaled_dot_product_attention(query[source], key[source], value[row], attn_mask=mask[source])
         assert torch.allclose(out[row], expected, atol=1e-6), row
+
+
+def test_several_images_per_prompt_edit_image_j_from_source_image_j():
+    """Rows [uncond x 2, source images 0 1, target A's 0 1, target B's 0 1]: each target image reads the source image of its index."""
+    g = torch.Generator().manual_seed(1)
+    query, key, value = torch.randn(8, 2, 6, 8, generator=g), torch.randn(8, 2, 5, 8, generator=g), torch.randn(8, 2, 5, 8, generator=g)
+    plan = lay_out(EDITS[:2], 8, 2, images=2)
+    assert plan.rows.tolist() == [0, 1, 2, 3, 2, 3, 2, 3] and plan.own_rows.tolist() == [6, 7]
+    probs = _probs(query, key)
+    reference = [probs[i] @ value[i] for i in range(4)]
+    reference += [edited_probs(e, probs[2 + j], probs[4 + 2 * i + j]) @ value[4 + 2 * i + j] for i, e in enumerate(EDITS[:2]) for j in range(2)]
+    assert torch.allclose(fused_outputs(plan, query, key, value), torch.stack(reference), atol=1e-6)
+    assert injected_rows(8, 2, 2, images=2).rows.tolist() == [0, 1, 2, 3, 2, 3, 2, 3]

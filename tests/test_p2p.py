@@ -126,6 +126,9 @@ def test_blend_algebra_by_hand():
     assert region(maps, (4, 4), 0.3, pool=True).all()  # 3x3 max-pool spreads the peak over a 2x2 map
     latents = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
     out = blend_latents(latents, torch.tensor([[[True, False], [False, False]]]))
+    two = blend_latents(torch.stack([torch.zeros(1, 2, 2), torch.full((1, 2, 2), 2.0), torch.ones(1, 2, 2), torch.full((1, 2, 2), 3.0)]),
+                        torch.tensor([[True, False], [False, False]]).expand(2, 2, 2), images=2)
+    assert two[2, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]] and two[3, 0].tolist() == [[3.0, 2.0], [2.0, 2.0]]  # image j keeps source j outside
     assert out[1, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]] and out[0].eq(0).all()
     assert user_region(np.eye(4), (2, 2)).tolist() == [[True, False], [False, True]]
 
@@ -159,10 +162,21 @@ def test_bad_input_fails_before_any_step(shapes_pipe):
     assert not calls
 
 
-def test_several_images_per_prompt_are_refused_clearly(shapes_pipe):
+def test_a_batch_laid_out_otherwise_than_the_edit_is_refused_clearly(shapes_pipe):
     controller = PromptToPrompt([swap(torch.eye(77))], torch.ones(1, 2, 77), (0, 0), 16)
-    with xattn.attach(shapes_pipe, controller), pytest.raises(ValueError, match="one image each"):
+    with xattn.attach(shapes_pipe, controller), pytest.raises(ValueError, match=r"1 source \+ 1 target\(s\), 1 image\(s\) each"):
         shapes_pipe(["a red circle", "a red circle"], num_images_per_prompt=2, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("blend", [None, LocalBlend(["circle"], ["square"], start=1)])
+def test_several_images_per_prompt_are_the_edits_of_several_seeds(shapes_pipe, blend):
+    prompts = ["a red circle", "a red square"] if blend else ["a red circle", "a red square", "a blue circle"]
+    common = dict(steps=4, output_type="np", blend=blend)
+    batch = prompt_to_prompt(shapes_pipe, prompts, seed=3, num_images_per_prompt=2, **common).images
+    alone = [prompt_to_prompt(shapes_pipe, prompts, seed=seed, **common).images for seed in (3, 4)]
+    for p in range(len(prompts)):
+        for j in range(2):
+            assert np.abs(batch[p * 2 + j] - alone[j][p]).max() < 1e-4, (p, j)
 
 
 def test_call_options_reach_the_pipeline(shapes_pipe):

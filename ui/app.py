@@ -29,7 +29,7 @@ from pipelines.unlearn import UnlearnSettings, erase, template_prompts
 from xattn import trace
 from xattn.heatmap import grid, overlay
 from xattn.sites import cross_resolutions
-from xattn.tokens import prompt_words
+from xattn.tokens import pipeline_tokenizer, prompt_words
 
 MAX_WEIGHTS = 12
 UPLOAD_LIMIT = "8mb"
@@ -51,7 +51,7 @@ def readable(handler):
 
 def words_of(pipe, prompt: str) -> list[str]:
     """The prompt's distinct words, in order (what maps, weights and concepts are offered for)."""
-    return list(dict.fromkeys(w.text for w in prompt_words(pipe.tokenizer, prompt or "") if w.tokens))
+    return list(dict.fromkeys(w.text for w in prompt_words(pipeline_tokenizer(pipe), prompt or "") if w.tokens))
 
 
 def _gallery(image: Image.Image, maps: dict[str, np.ndarray], label: str = "") -> list[tuple[Image.Image, str]]:
@@ -96,9 +96,9 @@ class Handlers:
         if not (source or "").strip() or not (target or "").strip():
             raise ValueError("give both a source and a target prompt")
         weights = {w: s for w, s in weights.items() if s != 1.0}
-        edit = choose_edit(self.pipe.tokenizer, source, target, mode, weights)
+        edit = choose_edit(pipeline_tokenizer(self.pipe), source, target, mode, weights)
         blend_words = [w.strip() for w in (blend or "").split(",") if w.strip()]
-        spec = blend_for(self.pipe.tokenizer, source, target, blend_words) if blend_words else None
+        spec = blend_for(pipeline_tokenizer(self.pipe), source, target, blend_words) if blend_words else None
         result = prompt_to_prompt(self.pipe, [source, target], edit, cross_steps=parse_window(cross),
                                   self_steps=parse_window(self_steps), blend=spec, steps=int(steps), guidance=guidance,
                                   seed=int(seed), inversion=inversion, maps=True)

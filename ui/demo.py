@@ -28,6 +28,7 @@ from pipelines.unlearn import UnlearnSettings, unlearn
 from shapes import match_caption
 from shapes.scenes import caption_of, make_scene, swap_first_shape
 from xattn.heatmap import grid, overlay
+from xattn.tokens import pipeline_tokenizer
 
 DEMO_PROMPTS = (
     "a red circle and a blue square",
@@ -78,7 +79,7 @@ DEMO_EDITS = (
 def edit_section(pipe, out: Path, seed: int) -> list[Entry]:
     entries = []
     for source, target in DEMO_EDITS:
-        edit = auto_edit(pipe.tokenizer, source, target)
+        edit = auto_edit(pipeline_tokenizer(pipe), source, target)
         result = prompt_to_prompt(pipe, [source, target], edit, seed=seed)
         sheet = grid(result.images, ["source", "target"], columns=2, scale=2)
         path = save_png(sheet, out / f"{slug(target)}.png", {"source": source, "target": target, "edit": describe(edit), "seed": seed})
