@@ -1,8 +1,9 @@
-"""Shared measuring: modes timed round-robin in one process, and peak memory of each mode in a fresh one."""
+"""Shared measuring: modes timed round-robin in one process, peak memory of each mode in a fresh one, results written atomically."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,3 +82,11 @@ def speed_pipe(model: str):
         pipe = ARCHITECTURES[model]()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Written whole or not at all: a benchmark that writes after each row keeps, when interrupted, the rows it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)

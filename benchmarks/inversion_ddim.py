@@ -2,10 +2,11 @@
 
     python -m benchmarks.inversion_ddim [--images 5] [--out benchmarks/results/inversion_ddim.json]
 
-A user who sets an Euler scheduler on the embedded model hands inversion a config without
+A pipeline whose scheduler was built in code (an Euler scheduler made from Euler's own
+arguments, as tiny test configs and hand-made pipelines are) hands inversion a config without
 DDIM's `clip_sample` and `set_alpha_to_one`; `DDIMScheduler.from_config` then takes DDIM's
 defaults (clipping the predicted sample, a last step to alpha 1), where google's code sets both
-off. Per image (the null-text benchmark's generated and rendered ones), 25 steps: DDIM inversion
+off. (Configs loaded from a checkpoint usually carry both keys, off, whatever the class.) Per image (the null-text benchmark's generated and rendered ones), 25 steps: DDIM inversion
 of the caption, then DDIM sampling back (guidance 1, the inversion's own path, and guidance 5, the
 edits' scale); PSNR of the redrawn image against the input, for each way of building DDIM.
 """
@@ -13,7 +14,7 @@ edits' scale); PSNR of the redrawn image against the input, for each way of buil
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from PIL import Image
 
+from benchmarks.harness import write_json
 from benchmarks.inversion_quality import scenes
 from benchmarks.shapes_quality import prompt_sets
 from pipelines.conditioning import encode_text
@@ -51,7 +53,8 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    own = inspect.signature(EulerDiscreteScheduler.__init__).parameters
+    euler = EulerDiscreteScheduler(**{k: v for k, v in pipe.scheduler.config.items() if k in own})
     builds = {"DDIM's defaults (DDIMScheduler.from_config)": DDIMScheduler.from_config(euler.config), "as google builds it (ddim_from)": ddim_from(euler)}
     captions = ["a green triangle on the left", *prompt_sets(args.images)["two objects"][: args.images - 1]]
     images = [(c, pipe(c, num_inference_steps=25, guidance_scale=5.0, generator=torch.Generator().manual_seed(1 if i == 0 else i)).images[0])
@@ -62,8 +65,7 @@ def main() -> None:
         rows = {name: [redrawn(pipe, scheduler, image, caption, guidance) for caption, image in images] for name, scheduler in builds.items()}
         results[f"guidance {guidance:g}"] = {name: {"psnr_db": values, "median_psnr_db": float(np.median(values))} for name, values in rows.items()}
         print(guidance, {name: round(float(np.median(v)), 2) for name, v in rows.items()}, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pipelines.stepping import Calls, with_callback
 from xattn import losses
 from xattn.attach import CallState, attach
 from xattn.capture import MapCapture
-from xattn.sites import cross_grids, nearest_cross_side
+from xattn.sites import cross_grids, layout_side, nearest_cross_side
 from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens
 
 METHODS = ("astar", "attend-excite", "none")
@@ -50,9 +50,14 @@ class GuidanceSettings:
     below the threshold (A&E's iterative refinement, at its iterations 0, 10 and 20 of 50; for
     any loss, A-STAR's included: the paper mentions none). As in the authors' code and diffusers',
     whether an update repeats is decided by the loss before the update just made, so an image
-    takes one more update after it meets the threshold; stop_when_met stops it there instead.
-    resolution: side of the attention maps the losses read; the UNet's nearest cross-attention
-    side is used (16 is both papers', SD 1.x at 512 px).
+    takes one more update after it meets the threshold (stopping there instead was measured no
+    better: benchmarks/RESULTS.md).
+    resolution: side of the attention maps the losses read (the UNet's nearest cross-attention side
+    is used); None reads the level the papers' 16x16 maps stand for on SD 1.x at 512 px, the
+    deepest one outside the mid block (xattn.sites.layout_side: 16 there, 32 for SDXL at 1024 px,
+    8 on the embedded model). The A&E preset reads there: on the embedded model's 16x16 maps, the
+    level SD has at 64x64, it found all objects less often than no guidance. A-STAR keeps 16, the
+    side it was tuned and measured at, where it does as well as at 8 (benchmarks/RESULTS.md).
     temperature, sigma, kernel: the concept maps' token softmax and Gaussian smoothing (xattn.losses).
     mask_threshold: retention's binary mask B is where the previous step's map reaches this
     fraction of its maximum (the paper says only "high activations").
@@ -76,8 +81,7 @@ class GuidanceSettings:
     guided_steps: float = 1.0
     refinement: Mapping[float, float] = field(default_factory=dict)
     max_refinements: int = 20
-    stop_when_met: bool = False
-    resolution: int = 16
+    resolution: int | None = 16
     temperature: float = 100.0
     sigma: float = losses.AE_SIGMA
     kernel: int = 3
@@ -112,7 +116,7 @@ def method_settings(method: str, **overrides) -> GuidanceSettings:
         "astar": GuidanceSettings(),
         "attend-excite": GuidanceSettings(
             attend_excite=1.0, segregation=0.0, retention=0.0, guided_steps=0.5, refinement={0.0: 0.05, 0.2: 0.5, 0.4: 0.8},
-            maps="tokens",
+            maps="tokens", resolution=None,
         ),
         "none": GuidanceSettings(segregation=0.0, retention=0.0, guided_steps=0.0),
     }
@@ -253,7 +257,7 @@ class _Guide:
 
         Each try updates the rows still refining, then evaluates them again. A row goes on while
         the loss it had before the update just made was above the target (the authors' loop,
-        which makes one update more than needed), or, with stop_when_met, while its loss after it is.
+        which makes one update more than needed).
         """
         rows = list(range(len(x)))
         sub, sub_loss, going, before = x, loss, weak, weak
@@ -267,7 +271,7 @@ class _Guide:
             sub = x[rows].detach().requires_grad_(True)
             sub_loss, attendance = self.evaluate(sub, rows, timestep, True)
             after = attendance < threshold
-            going, before = (after, after) if self.settings.stop_when_met else (before[kept], after)
+            going, before = before[kept], after
             if not going.any():
                 break
         return x.detach()
@@ -377,7 +381,7 @@ def compose(
         text_ends = [len(tokenizer(p, truncation=True, max_length=limit).input_ids) - 1 for p in rows]
     else:
         text_ends = [limit - 1] * len(rows)
-    map_side = nearest_cross_side(pipe.unet, latent, settings.resolution)
+    map_side = layout_side(pipe.unet, latent) if settings.resolution is None else nearest_cross_side(pipe.unet, latent, settings.resolution)
     masks = None
     if layout:
         if not settings.retention:

@@ -14,7 +14,7 @@ from editors.edits import swap
 from pipelines.edit import prompt_to_prompt
 from pipelines.loading import load_pipeline
 from tests.architectures import ARCHITECTURES
-from xattn.sites import Layer, Site, cross_resolutions
+from xattn.sites import Layer, Site, cross_resolutions, layout_side
 
 SWAP = ["a red circle and a blue square", "a red circle and a green square"]
 CASES = {
@@ -137,6 +137,13 @@ def test_cross_resolutions_follow_the_latent(shapes_pipe):
     assert cross_resolutions(shapes_pipe.unet, (16, 16)) == [4, 8, 16]
     assert cross_resolutions(shapes_pipe.unet, (32, 32)) == [8, 16, 32]
     assert cross_resolutions(ARCHITECTURES["sd1-64"]().unet, (64, 64)) == [8, 16, 32, 64]
+
+
+def test_the_layout_side_is_the_papers_16_on_sd1_at_512_px(shapes_pipe):
+    assert layout_side(ARCHITECTURES["sd1-64"]().unet, (64, 64)) == 16  # 64, 32, 16 and the 8x8 mid block
+    assert layout_side(ARCHITECTURES["sdxl"]().unet, (128, 128)) == 64  # no cross-attention at 128, then 64 and its mid block
+    assert layout_side(shapes_pipe.unet, (16, 16)) == 8
+    assert layout_side(shapes_pipe.unet, (16, 24)) == 12
 
 
 def test_bad_input_fails_before_any_step(shapes_pipe):

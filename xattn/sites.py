@@ -55,22 +55,36 @@ def query_resolution(latent: tuple[int, int], queries: int) -> tuple[int, int]:
     return h, w
 
 
+def _down_levels(unet, latent: tuple[int, int]) -> list[tuple[str, tuple[int, int]]]:
+    """Each down block's type and query grid at this latent size (a stride-2 convolution between levels rounds up)."""
+    levels, grid = [], tuple(latent)
+    for block in unet.config.down_block_types:
+        levels.append((block, grid))
+        grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+    return levels
+
+
 def cross_grids(unet, latent: tuple[int, int]) -> list[tuple[int, int]]:
     """The (h, w) query grids of the UNet's cross-attention layers at this latent size, smallest first."""
-    grids, grid = set(), tuple(latent)
-    for i, block in enumerate(unet.config.down_block_types):
-        if "CrossAttn" in block:
-            grids.add(grid)
-        if i < len(unet.config.down_block_types) - 1:
-            grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+    levels = _down_levels(unet, latent)
+    grids = {grid for block, grid in levels if "CrossAttn" in block}
     if "CrossAttn" in (unet.config.mid_block_type or ""):
-        grids.add(grid)
+        grids.add(levels[-1][1])  # the mid block works at the last level's grid
     return sorted(grids)
 
 
 def cross_resolutions(unet, latent: tuple[int, int]) -> list[int]:
     """Sides (the longer one) of the query grids of the UNet's cross-attention layers at this latent size."""
     return sorted({max(grid) for grid in cross_grids(unet, latent)})
+
+
+def layout_side(unet, latent: tuple[int, int]) -> int:
+    """The cross-attention side of the UNet's deepest level outside the mid block: where the papers read
+    their 16x16 maps on SD 1.x at 512 px (64, 32, 16, then the 8x8 mid block). It follows the UNet
+    and the image: 24 for SD 2.x at 768 px, 32 for SDXL at 1024 px, 8 for the embedded model at
+    64 px. A UNet with cross-attention only in its mid block has that side."""
+    sides = [max(grid) for block, grid in _down_levels(unet, latent) if "CrossAttn" in block]
+    return min(sides) if sides else min(cross_resolutions(unet, latent))
 
 
 def nearest_cross_side(unet, latent: tuple[int, int], wanted: int) -> int:
