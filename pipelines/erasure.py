@@ -44,6 +44,9 @@ def read_metadata(path: Path | str) -> dict[str, str]:
         raise ValueError(f"{path} is not a safetensors file ({error}); give an erasure file from `xattn unlearn`") from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not an xattn erasure file (no '{FORMAT}' metadata); make one with `xattn unlearn`")
+    missing = [key for key in ("method", "concept", "base") if not metadata.get(key)]
+    if missing:
+        raise ValueError(f"{path} lacks the erasure metadata {', '.join(missing)}; it is damaged or hand-made: make it again with `xattn unlearn`")
     return metadata
 
 

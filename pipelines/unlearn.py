@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -423,12 +424,28 @@ class _Trainer:
         self.forget, self.forget_rows, self.retain = state["forget"], state["forget_rows"], state["retain"]
 
 
-def _check_resumable(saved: dict, settings: UnlearnSettings, path: Path) -> None:
-    """A checkpoint continues only the run it came from; `steps` alone may grow."""
+def _load_checkpoint(path: Path) -> dict:
+    """The checkpoint's tensors, numbers and strings, unpickled with torch's allow-list (`weights_only=True`):
+    an output folder may be shared, and a checkpoint that names any other Python object could run code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        why = "it names Python objects, which could run code; it was not loaded"
+    except (EOFError, RuntimeError):
+        why = "it is damaged or cut short"
+    raise ValueError(f"{path} is not a checkpoint xattn can read safely: {why}. Delete it to start over, or write to another --out")
+
+
+def _check_resumable(state: dict, settings: UnlearnSettings, path: Path) -> None:
+    """A checkpoint continues only the run it came from; `steps` alone may grow, never shrink below the step reached."""
+    saved = state["settings"]
     differ = [f.name for f in fields(settings) if f.name != "steps" and saved.get(f.name) != getattr(settings, f.name)]
     if differ:
         listing = ", ".join(f"{n}: {saved.get(n)!r} there, {getattr(settings, n)!r} now" for n in differ)
         raise ValueError(f"{path} is a checkpoint of other settings ({listing}); resume with those settings, or write to another --out")
+    if state["step"] > settings.steps:
+        raise ValueError(f"{path} has trained {state['step']} steps, past the {settings.steps} asked; ask for --steps {state['step']} "
+                         "or more to resume it, or write to another --out to train fewer")
 
 
 def _save_atomic(state: dict, path: Path) -> None:
@@ -469,8 +486,8 @@ def unlearn(
     checkpoint = Path(out) / CHECKPOINT if out is not None else None
     saved = None
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
-        _check_resumable(saved["settings"], settings, checkpoint)
+        saved = _load_checkpoint(checkpoint)
+        _check_resumable(saved, settings, checkpoint)
     trainer = _Trainer(pipe, settings, images, saved)
     main = trainer.accelerator.is_main_process
     bar = tqdm(total=settings.steps, initial=trainer.step, desc=f"{settings.method} {settings.concept}", disable=not (progress and main))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.erasure import load_erasure, read_metadata, save_erasure
+from pipelines.erasure import FORMAT, load_erasure, read_metadata, save_erasure
 from pipelines.inversion_cache import model_fingerprint
 from pipelines.loading import load_pipeline
 from pipelines.unlearn import parameter_group
@@ -46,3 +46,22 @@ def test_foreign_files_are_refused(pipe, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not an xattn erasure file"):
         load_erasure(pipe, tmp_path / "plain.safetensors")
+
+
+def test_a_file_that_fails_on_its_last_tensor_leaves_the_model_as_it_was(pipe, tmp_path):
+    names = list(parameter_group(pipe.unet, "esd-x-strict"))[:3]
+    params = dict(pipe.unet.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    tensors = {n: params[n].detach() + 1 for n in names}
+    tensors[names[-1]] = torch.zeros(3, 3)
+    path = save_erasure(tmp_path / "e.safetensors", tensors, method="esd", concept="circle", base=model_fingerprint(pipe), settings={})
+    with pytest.raises(ValueError, match=f"the erasure's {names[-1]} is \\(3, 3\\) but the UNet's is"):
+        load_erasure(pipe, path)
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+
+
+def test_a_file_without_its_metadata_is_refused_by_name(pipe, tmp_path):
+    name = next(iter(parameter_group(pipe.unet, "esd-x-strict")))
+    save_file({name: torch.zeros(1)}, str(tmp_path / "bare.safetensors"), metadata={"format": FORMAT, "concept": "circle"})
+    with pytest.raises(ValueError, match="lacks the erasure metadata method, base; it is damaged or hand-made"):
+        load_erasure(pipe, tmp_path / "bare.safetensors")

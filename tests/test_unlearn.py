@@ -1,6 +1,8 @@
 """Unlearning: the objectives against their formulas, UCE's edit, the trainer's copy, masks, resume and errors,
 on the embedded model and tiny SD 1.x / SDXL configurations."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,14 +110,39 @@ def test_training_changes_a_copy_and_resumes_exactly_after_a_stop(pipe, tmp_path
     assert whole.tensors and set(whole.tensors) <= set(parameter_group(pipe.unet, "esd-x"))
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())  # the pipeline keeps its weights
     unlearn(pipe, small("fmn", steps=2), out=tmp_path / "cut", progress=False)  # as if killed after the step-2 checkpoint
-    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"] == 2
     resumed = unlearn(pipe, small("fmn"), out=tmp_path / "cut", progress=False)
     assert whole.tensors.keys() == resumed.tensors.keys()
     assert all(torch.equal(whole.tensors[n], resumed.tensors[n]) for n in whole.tensors)
     saved = (tmp_path / "cut" / CHECKPOINT).read_bytes()
     with pytest.raises(ValueError, match=r"checkpoint of other settings \(lr: "):
         unlearn(pipe, small("fmn", lr=0.5), out=tmp_path / "cut", progress=False)
+    with pytest.raises(ValueError, match=r"has trained 4 steps, past the 2 asked; ask for --steps 4 or more"):
+        unlearn(pipe, small("fmn", steps=2), out=tmp_path / "cut", progress=False)
     assert (tmp_path / "cut" / CHECKPOINT).read_bytes() == saved
+
+
+class _Payload:
+    """What a crafted checkpoint holds: unpickling it calls Path.touch(marker)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_naming_python_objects_is_refused_and_runs_nothing(pipe, tmp_path):
+    marker = tmp_path / "code-ran"
+    (tmp_path / "out").mkdir()
+    torch.save({"settings": _Payload(marker), "step": 0}, tmp_path / "out" / CHECKPOINT)
+    with pytest.raises(ValueError, match=r"not a checkpoint xattn can read safely: it names Python objects, which could run code; "
+                                         r"it was not loaded. Delete it to start over, or write to another --out"):
+        unlearn(pipe, small("fmn"), out=tmp_path / "out", progress=False)
+    assert not marker.exists()
+    (tmp_path / "out" / CHECKPOINT).write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match="not a checkpoint xattn can read safely: it is damaged or cut short"):
+        unlearn(pipe, small("fmn"), out=tmp_path / "out", progress=False)
 
 
 def test_fmn_trains_on_the_users_images(pipe):
