@@ -89,9 +89,10 @@ def check_job(pipe: DiffusionPipeline, job: Job) -> None:
         for word in p.get("words", []):
             pipeline_word_tokens(pipe, p["prompt"], word)
     if job.kind == "edit":
-        choose_edit(pipeline_tokenizer(pipe), p["source"], p["target"], p.get("mode", "auto"), p.get("reweight", {}))
+        tokenizer = pipeline_tokenizer(pipe)
+        choose_edit(tokenizer, p["source"], p["target"], p.get("mode", "auto"), p.get("reweight", {}))
         if p.get("blend"):
-            blend_for(pipeline_tokenizer(pipe), p["source"], p["target"], p["blend"])
+            blend_for(tokenizer, p["source"], p["target"], p["blend"])
         for name in ("cross_steps", "self_steps"):
             if name in p:
                 parse_window(str(p[name]))
@@ -136,8 +137,9 @@ def _maps(pipe, job: Job, folder: Path, model: str) -> None:
 def _edit(pipe, job: Job, folder: Path, model: str) -> None:
     p = job.params
     sampling = _sampling(p)
-    edit = choose_edit(pipeline_tokenizer(pipe), p["source"], p["target"], p.get("mode", "auto"), p.get("reweight", {}))
-    blend = blend_for(pipeline_tokenizer(pipe), p["source"], p["target"], p["blend"]) if p.get("blend") else None
+    tokenizer = pipeline_tokenizer(pipe)
+    edit = choose_edit(tokenizer, p["source"], p["target"], p.get("mode", "auto"), p.get("reweight", {}))
+    blend = blend_for(tokenizer, p["source"], p["target"], p["blend"]) if p.get("blend") else None
     inversion = None
     if "image" in p:
         inversion = invert(pipe, p["image"], p["source"], method=p.get("inversion", "direct"), steps=sampling["steps"],

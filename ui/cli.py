@@ -73,9 +73,10 @@ def cmd_edit(args: argparse.Namespace) -> None:
         except ValueError:
             raise ValueError(f"--reweight {item!r}: write WORD=SCALE, e.g. red=2") from None
     pipe = load_pipeline(args.model)
-    edit = choose_edit(pipeline_tokenizer(pipe), args.source, args.target, args.mode, weights)
+    tokenizer = pipeline_tokenizer(pipe)
+    edit = choose_edit(tokenizer, args.source, args.target, args.mode, weights)
     print(f"edit: {describe(edit)}", file=sys.stderr)
-    blend = blend_for(pipeline_tokenizer(pipe), args.source, args.target, args.blend) if args.blend else None
+    blend = blend_for(tokenizer, args.source, args.target, args.blend) if args.blend else None
     inversion = _invert(pipe, args, args.source) if args.image else None
     result = prompt_to_prompt(pipe, [args.source, args.target], edit, cross_steps=parse_window(args.cross_steps),
                               self_steps=parse_window(args.self_steps), blend=blend, steps=args.steps,
