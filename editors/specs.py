@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -11,6 +12,8 @@ from editors.conventions import XATTN, Conventions
 from editors.edits import CrossEdit, refine, reweight, swap
 from xattn.align import refine_mapper, segments, swap_mapper
 from xattn.tokens import word_tokens
+
+MAX_WEIGHT = 10.0  # a larger factor saturates the softmax: the image turns to garbage
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,12 @@ class Reweight:
 
     weights: Mapping[str, float]
     base: Swap | Refine | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for word, factor in self.weights.items():
+            if not (isinstance(factor, (int, float)) and math.isfinite(factor) and abs(factor) <= MAX_WEIGHT):
+                raise ValueError(f"--reweight {word}={factor}: a word's scale must be a number between -{MAX_WEIGHT:g} and "
+                                 f"{MAX_WEIGHT:g} (1 leaves it as it is, 2 doubles its attention)")
 
     def build(self, tokenizer, source: str, target: str, conventions: Conventions = XATTN) -> CrossEdit:
         scale = torch.ones(tokenizer.model_max_length)

@@ -3,23 +3,26 @@
     summary = run_batch(pipe, read_jobs("jobs.jsonl").jobs, out="runs/sweep", model="embedded")
 
 Each job writes OUT/jobs/<id>/ (its images and record.json: parameters, model, library versions,
-status, and the seconds of the pipeline call it ran in, shared with the jobs batched with it). The folder is built hidden and renamed into place when complete, so a job's
-folder either is whole or is not there; a rerun skips finished jobs, redoes the rest, and redoes
-failed ones with `retry_failed`. Under `accelerate launch` (or torchrun) process k of n takes every
-n-th job, and the main process writes OUT/manifest.json once all are done. Generate jobs that share
-their sampling settings run as one pipeline call of up to `batch_size` prompts, each with its own
-seeded noise.
+status, and the seconds of the pipeline call it ran in, shared with the jobs batched with it). The
+folder is built hidden and renamed into place when complete, so a job's folder either is whole or
+is not there. A rerun skips finished jobs, redoes the rest (and any whose content changed under
+the same id), and redoes failed ones with `retry_failed`. Whatever a job raises fails that job
+alone. One run at a time holds OUT. Under `accelerate launch` (or torchrun) process k of n takes
+every n-th job, and the main process writes OUT/manifest.json once all are done. Generate jobs
+that share their sampling settings run as one pipeline call of up to `batch_size` prompts, each
+with its own seeded noise.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
 from pipelines.erasure import apply_erasure, load_erasure
-from pipelines.generate import GenerationSettings, check_size, generate, save_png
+from pipelines.generate import GenerationSettings, check_sampling, check_size, finite_images, generate, save_png
 from pipelines.guidance import METHODS as COMPOSE_METHODS
 from pipelines.guidance import compose
 from pipelines.images import psnr
@@ -38,6 +41,7 @@ from pipelines.inversion import METHODS as INVERSIONS
 from pipelines.inversion import invert, reconstruct
 from pipelines.jobs import Job, Problem
 from pipelines.maps import generate_with_maps, write_maps
+from pipelines.messages import bounded
 from pipelines.unlearn import METHODS as ERASERS
 from pipelines.unlearn import UnlearnSettings, template_prompts, unlearn
 from xattn.heatmap import grid
@@ -50,12 +54,14 @@ PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "xattn")
 
 @dataclass
 class Summary:
-    """What a run did: job ids done now, skipped (done before), failed (id -> reason), invalid problems."""
+    """What a run did: job ids done now, skipped (done before), failed (id -> reason), invalid problems, and the ids
+    redone because their content changed since the run that made their folder."""
 
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     invalid: list[Problem] = field(default_factory=list)
+    redone: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -64,6 +70,7 @@ class Summary:
     def __str__(self) -> str:
         lines = [f"{len(self.done)} done, {len(self.skipped)} skipped (done before), {len(self.failed)} failed, "
                  f"{len(self.invalid)} invalid"]
+        lines += [f"  redone {job}: its content changed since the run that made jobs/{job}" for job in self.redone]
         lines += [f"  failed {job}: {reason}" for job, reason in self.failed.items()]
         lines += [f"  invalid {problem}" for problem in self.invalid]
         return "\n".join(lines)
@@ -79,8 +86,12 @@ def _sampling(params: dict) -> dict:
 
 
 def check_job(pipe: DiffusionPipeline, job: Job) -> None:
-    """What can be known before running: words in their prompts, files present, methods and sizes that exist."""
+    """What can be known before running: numbers in range, words in their prompts, files present, methods and sizes
+    that exist."""
     p = job.params
+    if job.kind in ("generate", "maps", "edit", "compose", "invert"):
+        sampling = _sampling(p)
+        check_sampling(pipe, sampling["steps"], sampling["guidance"], sampling["seed"], p.get("num", 1))
     if job.kind == "generate":
         check_size(pipe, p.get("size"))
         if "erasure" in p and not Path(p["erasure"]).is_file():
@@ -121,8 +132,8 @@ def _generate_many(pipe: DiffusionPipeline, jobs: list[Job], folders: dict[str, 
             prompts.append(job.params["prompt"])
             generators.append(torch.Generator(device="cpu").manual_seed(job.params.get("seed", 0) + i))
             owners.append((job, i))
-    images = pipe(prompts, num_inference_steps=sampling["steps"], guidance_scale=sampling["guidance"], height=side, width=side,
-                  generator=generators).images
+    images = finite_images(pipe(prompts, num_inference_steps=sampling["steps"], guidance_scale=sampling["guidance"], height=side,
+                                width=side, generator=generators, output_type="np").images)
     for image, (job, i) in zip(images, owners):
         settings = GenerationSettings(job.params["prompt"], **_sampling(job.params))
         save_png(image, folders[job.id] / f"image-{i}.png", settings.metadata(model, settings.seed + i))
@@ -259,60 +270,114 @@ def run_batch(
         try:
             check_job(pipe, job)
             runnable.append(job)
-        except (ValueError, FileNotFoundError) as error:
-            summary.invalid.append(Problem(job.line, str(error), job.id))
-    if state.is_main_process:
-        (out / "jobs").mkdir(parents=True, exist_ok=True)
-        _clear_abandoned(out)
-    state.wait_for_everyone()
-    folders = _Folders(out)
-    mine = runnable[state.process_index :: state.num_processes]
-    versions = _versions()
+        except (ValueError, OSError) as error:
+            summary.invalid.append(Problem(job.line, bounded(str(error)), job.id))
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    with _lock(out, state.process_index):
+        if state.is_main_process:
+            _clear_abandoned(out)
+        state.wait_for_everyone()
+        versions = _versions()
+        _run_mine(pipe, runnable[state.process_index :: state.num_processes], out, model, versions, summary, state, retry_failed,
+                  batch_size, progress)
+        return _gather(out, jobs, summary, model, versions, state)
+
+
+@contextmanager
+def _lock(out: Path, index: int) -> Iterator[None]:
+    """Hold OUT/.lock-<process> for the run: a second run on the same folder is refused instead of redoing every job.
+    The system drops the lock when the process ends, however it ends."""
+    handle = open(out / f".lock-{index}", "w")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out} is in use by another xattn batch run; wait for it to finish, or give another --out") from None
+        yield
+    finally:
+        handle.close()
+
+
+def _pending(out: Path, mine: list[Job], summary: Summary, retry_failed: bool) -> list[Job]:
+    """The jobs to run now: not done before, or done with other content under the same id (redone, and said so)."""
     pending = []
     for job in mine:
         record = read_record(out, job.id)
-        if record and record["status"] == "done":
+        if record and (record["kind"], record["params"]) != (job.kind, json.loads(json.dumps(job.params))):
+            summary.redone.append(job.id)
+            pending.append(job)
+        elif record and record["status"] == "done":
             summary.skipped.append(job.id)
         elif record and not retry_failed:
             summary.failed[job.id] = f"failed in an earlier run: {record['error']} (rerun with --retry-failed)"
         else:
             pending.append(job)
+    return pending
+
+
+def _run_group(pipe: DiffusionPipeline, group: list[Job], works: dict[str, Path], model: str) -> dict:
+    if group[0].kind == "generate":
+        erasure = group[0].params.get("erasure")
+        with load_erasure(pipe, erasure) if erasure else nullcontext():
+            _generate_many(pipe, group, works, model)
+        return {}
+    return RUNNERS[group[0].kind](pipe, group[0], works[group[0].id], model) or {}
+
+
+@dataclass
+class _Attempt:
+    """One pipeline call's outcome for its jobs: their work folders, status, error, extra record fields and seconds."""
+
+    works: dict[str, Path]
+    status: str
+    error: str | None
+    extra: dict
+    seconds: float
+
+
+def _attempt(pipe: DiffusionPipeline, group: list[Job], folders: _Folders, model: str) -> _Attempt:
+    works = {job.id: folders.work(job) for job in group}
+    began = time.perf_counter()
+    try:
+        extra = _run_group(pipe, group, works, model)
+        return _Attempt(works, "done", None, extra, time.perf_counter() - began)
+    except Exception as failure:  # noqa: BLE001 - whatever a job raises fails that job, never the run
+        reason = str(failure) if isinstance(failure, (ValueError, OSError)) else f"{type(failure).__name__}: {failure}"
+        for work in works.values():
+            for leftover in work.iterdir():
+                leftover.unlink()
+        return _Attempt(works, "failed", bounded(reason), {}, time.perf_counter() - began)
+
+
+def _run_mine(pipe: DiffusionPipeline, mine: list[Job], out: Path, model: str, versions: dict[str, str], summary: Summary,
+              state: PartialState, retry_failed: bool, batch_size: int, progress: bool) -> None:
+    """Run this process's jobs, generate jobs in groups. Any error fails its job alone, recorded with its reason: a
+    failed group's jobs are each run again on their own."""
+    folders = _Folders(out)
+    pending = _pending(out, mine, summary, retry_failed)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"jobs (process {state.process_index})", unit="job",
                disable=not progress)
     while pending:
         group = _next_group(pending, batch_size)
         pending = pending[len(group):]
-        works = {job.id: folders.work(job) for job in group}
-        began = time.perf_counter()
-        try:
-            extra = {}
-            if group[0].kind == "generate":
-                erasure = group[0].params.get("erasure")
-                with load_erasure(pipe, erasure) if erasure else nullcontext():
-                    _generate_many(pipe, group, works, model)
-            else:
-                extra = RUNNERS[group[0].kind](pipe, group[0], works[group[0].id], model) or {}
-            status, error = "done", None
-        except (ValueError, FileNotFoundError, RuntimeError) as failure:
-            status, error, extra = "failed", str(failure), {}
-        seconds = time.perf_counter() - began
-        for job in group:
-            if status == "failed":
-                for leftover in works[job.id].iterdir():
-                    leftover.unlink()
-            files = sorted(f.name for f in works[job.id].iterdir())
-            record = {"id": job.id, "kind": job.kind, "line": job.line, "params": job.params, "status": status, "error": error,
-                      "files": files, "model": model, "versions": versions, "seconds": seconds, "batched_with": len(group),
-                      "process": state.process_index, "pid": os.getpid(), "finished": time.time(), **extra}
-            folders.finish(job, works[job.id], record)
-            if status == "done":
-                summary.done.append(job.id)
-            else:
-                summary.failed[job.id] = error
-            bar.update()
+        attempt = _attempt(pipe, group, folders, model)
+        runs = [(group, attempt)]
+        if attempt.status == "failed" and len(group) > 1:
+            runs = [([job], _attempt(pipe, [job], folders, model)) for job in group]
+        for jobs, outcome in runs:
+            for job in jobs:
+                record = {"id": job.id, "kind": job.kind, "line": job.line, "params": job.params, "status": outcome.status,
+                          "error": outcome.error, "files": sorted(f.name for f in outcome.works[job.id].iterdir()), "model": model,
+                          "versions": versions, "seconds": outcome.seconds, "batched_with": len(jobs),
+                          "process": state.process_index, "pid": os.getpid(), "finished": time.time(), **outcome.extra}
+                folders.finish(job, outcome.works[job.id], record)
+                if outcome.status == "done":
+                    summary.done.append(job.id)
+                else:
+                    summary.failed[job.id] = outcome.error
+                bar.update()
     bar.close()
-    return _gather(out, jobs, summary, model, versions, state)
 
 
 def _next_group(pending: list[Job], batch_size: int) -> list[Job]:
@@ -337,7 +402,7 @@ def _batch_key(job: Job) -> tuple:
 def _gather(out: Path, jobs: list[Job], summary: Summary, model: str, versions: dict[str, str], state: PartialState) -> Summary:
     """Every process's summary, merged; the main process writes OUT/manifest.json (every job's status)."""
     part = out / f".summary-{state.process_index}.json"
-    _write_json(part, {"done": summary.done, "skipped": summary.skipped, "failed": summary.failed})
+    _write_json(part, {"done": summary.done, "skipped": summary.skipped, "failed": summary.failed, "redone": summary.redone})
     state.wait_for_everyone()
     whole = Summary(invalid=sorted(summary.invalid, key=lambda p: p.line))
     for k in range(state.num_processes):
@@ -345,6 +410,7 @@ def _gather(out: Path, jobs: list[Job], summary: Summary, model: str, versions: 
         whole.done += other["done"]
         whole.skipped += other["skipped"]
         whole.failed |= other["failed"]
+        whole.redone += other["redone"]
     state.wait_for_everyone()
     if state.is_main_process:
         invalid = {p.id for p in whole.invalid}

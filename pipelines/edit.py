@@ -25,7 +25,7 @@ from editors.schedules import Window, token_schedule, window, word_windows
 from editors.specs import Refine, Reweight, Swap, auto_edit
 from pipelines.conditioning import image_embeds, pipeline_image_embeds
 from pipelines.ddim import ddim_from, ddim_sampling
-from pipelines.generate import image_size
+from pipelines.generate import check_sampling, image_size
 from pipelines.inversion import Inversion
 from pipelines.stepping import Calls, with_callback
 from xattn.attach import attach
@@ -122,6 +122,7 @@ def prompt_to_prompt(
     images = num_images_per_prompt
     if images < 1:
         raise ValueError(f"num_images_per_prompt must be at least 1, got {images}")
+    check_sampling(pipe, steps, guidance, seed, images)
     if inversion is not None and images != 1:
         raise ValueError("an inversion redraws one image: leave num_images_per_prompt at 1")
     if inversion is not None:

@@ -25,6 +25,7 @@ from shapes.train import save_atomic
 from xattn.denoiser import base_parameters, denoiser
 
 FORMAT = "xattn-erasure/1"
+LARGEST_CHANGE = 100.0  # an erased tensor's largest value, in multiples of the base tensor's
 
 
 def save_erasure(path: Path | str, tensors: dict[str, torch.Tensor], *, method: str, concept: str, base: str, settings: dict) -> Path:
@@ -105,8 +106,15 @@ def apply_erasure(pipe: DiffusionPipeline, tensors: dict[str, torch.Tensor], met
         if tuple(value.shape) != tuple(params[name].shape):
             raise ValueError(f"the erasure's {name} is {tuple(value.shape)} but the UNet's is {tuple(params[name].shape)}; "
                              "it was made for another model")
+        if not value.is_floating_point():
+            raise ValueError(f"the erasure's {name} is {str(value.dtype).removeprefix('torch.')}, not floating point; it is damaged "
+                             "or hand-made: make it again with `xattn unlearn`")
         if not torch.isfinite(value).all():
             raise ValueError(f"the erasure's {name} holds non-finite values; it is damaged: make it again")
+        largest, usual = value.abs().max().item(), params[name].detach().abs().max().item()
+        if largest > LARGEST_CHANGE * max(usual, 1e-3):
+            raise ValueError(f"the erasure's {name} holds values up to {largest:.3g} where the UNet's reach {usual:.3g}; no unlearning "
+                             "method moves weights that far, so it is damaged or hand-made: make it again with `xattn unlearn`")
     originals = {n: params[n].detach().clone() for n in tensors}
     try:
         _write(pipe.unet, {n: value.to(params[n]) for n, value in tensors.items()})

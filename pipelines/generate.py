@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, PngImagePlugin
+
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 100.0
+MAX_NUM = 1000
+LARGEST_SIDE = 4  # times the model's native side: larger sizes only repeat the picture and exhaust memory
 
 
 @dataclass(frozen=True)
@@ -35,11 +42,37 @@ def _check_side(pipe: DiffusionPipeline, value: int | None, option: str) -> int:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if value is None:
         return native
-    multiple = image_multiple(pipe)
+    multiple, largest = image_multiple(pipe), LARGEST_SIDE * native
+    if value > largest:
+        raise ValueError(f"{option} {value} is larger than this model draws: at most {largest} ({LARGEST_SIDE}x its native {native})")
     if value <= 0 or value % multiple:
         lower = max(multiple, value // multiple * multiple)
         raise ValueError(f"{option} {value} does not fit this model: use a multiple of {multiple} (e.g. {lower} or {lower + multiple}); its native size is {native}")
     return value
+
+
+def check_sampling(pipe: DiffusionPipeline, steps: int, guidance: float, seed: int, num: int = 1) -> None:
+    """Steps, guidance, seed and image count the pipeline can run; a ValueError naming the option otherwise, never a
+    traceback or an image of noise."""
+    limit = pipe.scheduler.config.num_train_timesteps
+    if not 1 <= steps <= limit:
+        raise ValueError(f"--steps must be between 1 and {limit} (the scheduler's training steps); got {steps}")
+    if not (math.isfinite(guidance) and abs(guidance) <= MAX_GUIDANCE):
+        raise ValueError(f"--guidance must be a number between -{MAX_GUIDANCE:g} and {MAX_GUIDANCE:g} (1 turns guidance off); got {guidance}")
+    if not 1 <= num <= MAX_NUM:
+        raise ValueError(f"--num must be between 1 and {MAX_NUM}; got {num}")
+    if not 0 <= seed <= MAX_SEED - (num - 1):
+        raise ValueError(f"--seed must be between 0 and {MAX_SEED - (num - 1)} (image i uses seed + i); got {seed}")
+
+
+def finite_images(images) -> list[Image.Image]:
+    """PIL images from a pipeline's float output (`output_type="np"`), refusing non-finite pixels rather than saving them
+    as black."""
+    array = np.asarray(images)
+    if not np.isfinite(array).all():
+        raise ValueError("the model produced non-finite pixels (NaN or inf); nothing was saved. In float16 try float32, "
+                         "or a lower --guidance")
+    return [Image.fromarray(image) for image in (array * 255).round().astype(np.uint8)]
 
 
 def check_size(pipe: DiffusionPipeline, size: int | None) -> int:
@@ -54,18 +87,18 @@ def image_size(pipe: DiffusionPipeline, height: int | None = None, width: int | 
 
 def generate(pipe: DiffusionPipeline, settings: GenerationSettings, num: int = 1) -> list[Image.Image]:
     """`num` images; image i uses seed `settings.seed + i`, so each is reproducible on its own."""
-    if num < 1:
-        raise ValueError(f"--num must be at least 1, got {num}")
+    check_sampling(pipe, settings.steps, settings.guidance, settings.seed, num)
     size = check_size(pipe, settings.size)
     generators = [torch.Generator(device="cpu").manual_seed(settings.seed + i) for i in range(num)]
-    return pipe(
+    return finite_images(pipe(
         [settings.prompt] * num,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance,
         height=size,
         width=size,
         generator=generators,
-    ).images
+        output_type="np",
+    ).images)
 
 
 def slug(text: str, limit: int = 48) -> str:

@@ -25,7 +25,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipelines.conditioning import TextConditioning, encode_text, image_embeds, pipeline_image_embeds, unet_output, with_images
-from pipelines.generate import image_size
+from pipelines.generate import check_sampling, image_size
 from pipelines.stepping import Calls, with_callback
 from xattn import losses
 from xattn.attach import CallState, attach
@@ -365,6 +365,7 @@ def compose(
     num = num_images_per_prompt
     if num < 1:
         raise ValueError(f"num_images_per_prompt must be at least 1, got {num}")
+    check_sampling(pipe, steps, guidance, seed, num)
     if "image" in inspect.signature(pipe.__call__).parameters:
         raise ValueError(f"compose generates from noise, and {type(pipe).__name__} starts from an image; use the model's "
                          "text-to-image pipeline (e.g. StableDiffusionPipeline.from_pipe(pipe))")

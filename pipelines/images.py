@@ -6,6 +6,7 @@ for the caller to show, never silently.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,18 @@ class PreparedImage:
     notes: list[str] = field(default_factory=list)
 
 
-def read_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
-    """A PIL image from a path, a PIL image, or an (H, W[, C]) array (uint8, or float in [0, 1])."""
+MAX_PIXELS = 50_000_000  # larger files are refused before decoding: a few KB of PNG can unpack to gigabytes
+
+
+def _too_big(name: str, size: str) -> ValueError:
+    return ValueError(f"{name} is {size}, more than the {MAX_PIXELS / 1e6:.0f} megapixels xattn reads; it was not decoded. "
+                      "Shrink it first (the model works at its own size anyway)")
+
+
+def _read(source: str | Path | bytes | Image.Image | np.ndarray) -> tuple[Image.Image, list[str]]:
+    """The image and what reading it dropped (all frames but the first of an animation)."""
     if isinstance(source, Image.Image):
-        return source
+        return source, []
     if isinstance(source, np.ndarray):
         array = source
         if array.dtype != np.uint8:
@@ -33,21 +42,38 @@ def read_image(source: str | Path | Image.Image | np.ndarray) -> Image.Image:
             array = np.rint(array * 255).astype(np.uint8)
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
             raise ValueError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {array.shape}")
-        return Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1 else array)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path}")
+        return Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1 else array), []
+    if isinstance(source, bytes):
+        name, opener = "the image", io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no image file at {path}")
+        name, opener = str(path), path
     try:
-        with Image.open(path) as opened:
+        with Image.open(opener) as opened:
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                raise _too_big(name, f"{width}x{height} pixels")
+            frames = getattr(opened, "n_frames", 1)
             opened.load()
-            return opened.copy()
+            notes = [f"first frame only, of the {frames} of an animation"] if frames > 1 else []
+            return opened.copy(), notes
+    except Image.DecompressionBombError as error:
+        raise _too_big(name, f"a decompression bomb ({error})") from None
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"could not read {path} as an image ({error}); give a PNG, JPEG or other file PIL reads") from None
+        raise ValueError(f"could not read {name} as an image ({error}); give a PNG, JPEG or other file PIL reads") from None
 
 
-def prepare_image(source: str | Path | Image.Image | np.ndarray, size: tuple[int, int]) -> PreparedImage:
+def read_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image from a path, encoded bytes, a PIL image, or an (H, W[, C]) array (uint8, or float in [0, 1]).
+    Files of more than MAX_PIXELS are refused before they are decoded; an animation gives its first frame."""
+    return _read(source)[0]
+
+
+def prepare_image(source: str | Path | bytes | Image.Image | np.ndarray, size: tuple[int, int]) -> PreparedImage:
     """An RGB image of `size` (height, width): transparency flattened on white, centre-cropped to that shape, resized."""
-    image, notes = read_image(source), []
+    image, notes = _read(source)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -83,6 +109,8 @@ def latent_to_image(pipe: DiffusionPipeline, latent: torch.Tensor) -> Image.Imag
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
         x = vae.decode(latent.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+    if not torch.isfinite(x).all():
+        raise ValueError("the model produced non-finite pixels (NaN or inf); nothing was saved. In float16 try float32")
     array = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
 

@@ -33,7 +33,7 @@ from PIL import Image
 
 from pipelines.conditioning import TextConditioning, encode_text, unet_output
 from pipelines.ddim import Level, ddim_coefficients, ddim_from, ddim_levels, ddim_sampling
-from pipelines.generate import image_size
+from pipelines.generate import check_sampling, image_size
 from pipelines.images import image_to_latent, prepare_image
 from pipelines.inversion_cache import DEFAULT_CACHE, InversionCache, inversion_key, model_fingerprint
 from xattn.denoiser import has_ip_adapter
@@ -207,8 +207,7 @@ def invert(
     """
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    check_sampling(pipe, steps, guidance, 0)
     if has_ip_adapter(pipe):
         raise ValueError("inversion runs the UNet on the caption alone, and this pipeline has an IP-Adapter loaded: "
                          "pipe.unload_ip_adapter() first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from xattn.denoiser import model_state
 
+log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("XATTN_CACHE", "~/.cache/xattn")).expanduser() / "inversions"
 
 
@@ -51,20 +54,44 @@ def inversion_key(image: Image.Image, caption: str, fingerprint: str, settings: 
     return digest.hexdigest()[:32]
 
 
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class InversionCache:
-    """One safetensors file per key in `folder`, written atomically."""
+    """One safetensors file per key in `folder`, written atomically with a checksum of its tensors; an entry that is
+    cut short, altered or non-finite is dropped (and so rebuilt by the caller), with a warning."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
     def load(self, key: str) -> dict[str, torch.Tensor] | None:
         path = self.folder / f"{key}.safetensors"
-        return load_file(str(path)) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                expected = (handle.metadata() or {}).get("sha256")
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            whole = expected == _checksum(tensors) and all(torch.isfinite(t).all() for t in tensors.values())
+        except (SafetensorError, OSError, RuntimeError):
+            whole = False
+        if whole:
+            return tensors
+        log.warning("cached inversion %s is damaged (cut short, altered or non-finite); inverting again", path)
+        path.unlink(missing_ok=True)
+        return None
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{key}.safetensors"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata=metadata | {"sha256": _checksum(tensors)})
         os.replace(tmp, path)
         return path

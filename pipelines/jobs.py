@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from pipelines.generate import MAX_SEED
+from pipelines.messages import bounded
 
 # kind -> {parameter: (types, required)}
 _SAMPLING = {"seed": ((int,), False), "steps": ((int,), False), "guidance": ((int, float), False)}
@@ -32,7 +36,7 @@ KINDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                             "seed": ((int,), False)},
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -90,19 +94,45 @@ def check_fields(kind: str, params: dict) -> None:
     for name in ("steps", "num", "train_steps"):
         if name in params and params[name] < (0 if name == "train_steps" else 1):
             raise ValueError(f"{name!r} must be positive; got {params[name]}")
+    if "seed" in params and not 0 <= params["seed"] <= MAX_SEED:
+        raise ValueError(f"'seed' must be between 0 and {MAX_SEED}; got {params['seed']}")
+    if "guidance" in params and not math.isfinite(params["guidance"]):
+        raise ValueError(f"'guidance' must be a finite number; got {params['guidance']}")
+    for word, scale in params.get("reweight", {}).items():
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"'reweight' maps words to finite numbers; got {word!r}: {scale!r}")
 
 
 def _job(raw: object, line: int) -> Job:
     if not isinstance(raw, dict):
         raise ValueError(f"a job is a mapping with a 'kind'; got {type(raw).__name__}")
     params = dict(raw)
-    kind, given = params.pop("kind", None), params.pop("id", "")
+    kind, named, given = params.pop("kind", None), "id" in params, params.pop("id", None)
     if kind is None:
         raise ValueError("the job has no 'kind'")
     check_fields(kind, params)
-    if given and not (isinstance(given, str) and ID.match(given)):
-        raise ValueError(f"id {given!r} must be 1-64 letters, digits, '.', '_' or '-' (it names the job's folder)")
-    return Job(line, kind, params, given)
+    if named and not (isinstance(given, str) and ID.fullmatch(given)):
+        raise ValueError(f"id {given!r} must be a string of 1-64 letters, digits, '.', '_' or '-' (it names the job's folder)")
+    return Job(line, kind, params, given or "")
+
+
+_ALIAS = "the job uses a YAML alias (*name); write its values out in full (aliases can expand without bound)"
+
+
+def _shares_nodes(node: yaml.Node, seen: set[int]) -> bool:
+    """Whether `node` reaches a node already `seen` (here or in an earlier job): what an alias is once composed. Each
+    node is visited once, so a nest of aliases is found without expanding it."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            return True
+        seen.add(id(current))
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend(part for pair in current.value for part in pair)
+    return False
 
 
 def _entries(path: Path) -> list[tuple[int, object | Exception]]:
@@ -118,7 +148,9 @@ def _entries(path: Path) -> list[tuple[int, object | Exception]]:
             return []
         if not isinstance(node, yaml.SequenceNode):
             return [(node.start_mark.line + 1, ValueError("a YAML JOBS file is a list of jobs"))]
-        return [(item.start_mark.line + 1, yaml.safe_load(yaml.serialize(item))) for item in node.value]
+        seen: set[int] = set()
+        return [(item.start_mark.line + 1, ValueError(_ALIAS) if _shares_nodes(item, seen) else yaml.safe_load(yaml.serialize(item)))
+                for item in node.value]
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
@@ -141,7 +173,7 @@ def read_jobs(path: Path | str) -> JobList:
                 raise entry
             job = _job(entry, line)
         except ValueError as error:
-            result.problems.append(Problem(line, str(error)))
+            result.problems.append(Problem(line, bounded(str(error))))
             continue
         if job.id in seen:
             result.problems.append(Problem(line, f"id {job.id!r} repeats line {seen[job.id]}; give each job its own id", job.id))

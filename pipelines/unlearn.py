@@ -30,6 +30,8 @@ runs under accelerate (device, mixed precision, several GPUs), writes an atomic 
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 import os
 import pickle
 import time
@@ -49,8 +51,8 @@ from tqdm.auto import tqdm
 from pipelines.conditioning import TextConditioning, encode_text, unet_output
 from pipelines.ddim import ddim_from, ddim_levels, ddim_sample
 from pipelines.erasure import save_erasure
-from pipelines.generate import image_size, slug
-from pipelines.images import image_to_latent, prepare_image
+from pipelines.generate import MAX_SEED, image_size, slug
+from pipelines.images import image_to_latent, prepare_image, read_image
 from pipelines.inversion_cache import model_fingerprint
 from pipelines.saliency import masked_step, saliency_masks
 from pipelines.uce import replace_word, uce_edit
@@ -63,6 +65,7 @@ METHODS = ("esd-x", "esd-x-strict", "esd-u", "fmn", "salun", "uce")
 GROUPS = ("esd-x", "esd-x-strict", "esd-u", "full")
 TEMPLATES = ("{}", "a {}", "a photo of a {}", "an image of a {}", "a picture of a {}")
 CHECKPOINT = "checkpoint.pt"
+MAX_STEPS = 100_000
 ImageSource = str | Path | Image.Image
 
 # Per method: the parameter group, steps, learning rate (tuned on the embedded model; the papers'
@@ -155,6 +158,12 @@ class UnlearnSettings:
         """These settings with the method's defaults filled in and the contexts spelled out."""
         if self.method not in METHODS:
             raise ValueError(f"unknown unlearning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"--steps must be between 0 (the method's default) and {MAX_STEPS}; got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"--lr must be a finite number, 0 (the method's default) or more; got {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED // 2:
+            raise ValueError(f"--seed must be between 0 and {MAX_SEED // 2}; got {self.seed}")
         group, steps, lr = _DEFAULTS[self.method]
         contexts = self.contexts or template_prompts([self.concept])
         return replace(self, group=self.group or group, steps=self.steps or steps, lr=self.lr or lr, contexts=contexts)
@@ -436,8 +445,25 @@ def _load_checkpoint(path: Path) -> dict:
     raise ValueError(f"{path} is not a checkpoint xattn can read safely: {why}. Delete it to start over, or write to another --out")
 
 
-def _check_resumable(state: dict, settings: UnlearnSettings, path: Path) -> None:
-    """A checkpoint continues only the run it came from; `steps` alone may grow, never shrink below the step reached."""
+def _origin(pipe: DiffusionPipeline, images: list[ImageSource] | None) -> dict[str, str]:
+    """What a run starts from besides its settings: the base weights and the user's images (their pixels)."""
+    digest = hashlib.sha256()
+    for image in images or []:
+        pixels = np.asarray(read_image(image).convert("RGB"))
+        digest.update(f"{pixels.shape}".encode())
+        digest.update(pixels.tobytes())
+    return {"base": model_fingerprint(pipe), "images": digest.hexdigest() if images else "the model's own"}
+
+
+def _check_resumable(state: dict, settings: UnlearnSettings, origin: dict[str, str], path: Path) -> None:
+    """A checkpoint continues only the run it came from (settings, base weights, images); `steps` alone may grow,
+    never shrink below the step reached."""
+    if state.get("base") != origin["base"]:
+        raise ValueError(f"{path} was trained from other base weights than this model's; load the model it came from, "
+                         "or write to another --out")
+    if state.get("images") != origin["images"]:
+        raise ValueError(f"{path} was trained on other images of the concept ({state.get('images', 'unknown')[:12]} there, "
+                         f"{origin['images'][:12]} now); give the same --images, or write to another --out")
     saved = state["settings"]
     differ = [f.name for f in fields(settings) if f.name != "steps" and saved.get(f.name) != getattr(settings, f.name)]
     if differ:
@@ -484,10 +510,10 @@ def unlearn(
                            lam=settings.lam, preserve_scale=settings.preserve_scale)
         return Unlearned(tensors, {"settings": asdict(settings), "seconds": time.perf_counter() - began})
     checkpoint = Path(out) / CHECKPOINT if out is not None else None
-    saved = None
+    saved, origin = None, _origin(pipe, images) if checkpoint is not None else {}
     if checkpoint is not None and checkpoint.exists():
         saved = _load_checkpoint(checkpoint)
-        _check_resumable(saved, settings, checkpoint)
+        _check_resumable(saved, settings, origin, checkpoint)
     trainer = _Trainer(pipe, settings, images, saved)
     main = trainer.accelerator.is_main_process
     bar = tqdm(total=settings.steps, initial=trainer.step, desc=f"{settings.method} {settings.concept}", disable=not (progress and main))
@@ -496,7 +522,7 @@ def unlearn(
         bar.update()
         if checkpoint is not None and main and (trainer.step % settings.checkpoint_every == 0 or trainer.step == settings.steps):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic(trainer.state(), checkpoint)
+            _save_atomic(trainer.state() | origin, checkpoint)
     bar.close()
     tensors = changed_tensors(base_parameters(pipe), trainer.params)
     seconds = time.perf_counter() - began

@@ -5,6 +5,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# Under pytest-xdist the workers share the cores: each takes its share of torch's threads, not all of them.
+# Under pytest-xdist the workers share the cores: each takes its share of torch's threads, not all of them, and so do
+# the commands a test starts (OpenMP threads that outnumber the cores spin and slow everything many times over).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(share)
+    os.environ["OMP_NUM_THREADS"] = str(share)

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipelines.batch import MANIFEST, RECORD, run_batch
@@ -122,7 +123,7 @@ def test_a_failed_job_is_recorded_and_retried_on_request(pipe, tmp_path):
 
 def test_a_killed_run_resumes_and_every_job_is_done_once(tmp_path):
     path = tmp_path / "jobs.jsonl"
-    write_jsonl(path, generate_jobs(50, steps=10))
+    write_jsonl(path, generate_jobs(30, steps=10))
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, "-m", "ui.cli", "batch", str(path), "--out", str(out), "--batch-size", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,15 +134,15 @@ def test_a_killed_run_resumes_and_every_job_is_done_once(tmp_path):
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = records(out)
-    assert 5 <= len(before) < 50
+    assert 5 <= len(before) < 30
     for folder in (out / "jobs").iterdir():
         if not folder.name.startswith("."):
             assert (folder / RECORD).is_file() and (folder / "image-0.png").is_file()  # nothing half-written is visible
     rerun = xattn("batch", str(path), "--out", str(out), "--batch-size", "1")
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{50 - len(before)} done, {len(before)} skipped" in rerun.stdout
+    assert f"{30 - len(before)} done, {len(before)} skipped" in rerun.stdout
     after = records(out)
-    assert len(after) == 50 and all(after[k] == v for k, v in before.items())  # finished jobs were not redone
+    assert len(after) == 30 and all(after[k] == v for k, v in before.items())  # finished jobs were not redone
     assert not [f for f in (out / "jobs").iterdir() if f.name.startswith(".")]
     assert len({r["pid"] for r in after.values()}) == 2
 
@@ -174,3 +175,81 @@ def test_cli_reports_bad_lines_and_exits_non_zero(tmp_path):
     assert result.returncode == 1
     assert f"{path}: line 2: generate needs 'prompt'" in result.stderr
     assert "1 done, 0 skipped (done before), 0 failed, 1 invalid" in result.stdout
+
+
+def test_ids_and_yaml_aliases_that_cannot_be_jobs_are_named(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    write_jsonl(path, [{"kind": "generate", "prompt": "a red circle", "id": given} for given in ("ok\n", 0, False, "")]
+                + [{"kind": "generate", "prompt": "a red circle", "seed": 2**70}, {"kind": "generate", "prompt": "a", "guidance": 1e999}])
+    listed = read_jobs(path)
+    assert not listed.jobs
+    assert [str(p) for p in listed.problems] == [
+        "line 1: id 'ok\\n' must be a string of 1-64 letters, digits, '.', '_' or '-' (it names the job's folder)",
+        "line 2: id 0 must be a string of 1-64 letters, digits, '.', '_' or '-' (it names the job's folder)",
+        "line 3: id False must be a string of 1-64 letters, digits, '.', '_' or '-' (it names the job's folder)",
+        "line 4: id '' must be a string of 1-64 letters, digits, '.', '_' or '-' (it names the job's folder)",
+        f"line 5: 'seed' must be between 0 and {2**63 - 1}; got {2**70}",
+        "line 6: 'guidance' must be a finite number; got inf",
+    ]
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']"]
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
+    bomb.write_text("- kind: generate\n  prompt: a red circle\n- kind: maps\n  prompt: a red circle\n  words:\n"
+                    + "".join(f"    - {{{level}}}\n" for level in levels))
+    began = time.perf_counter()
+    listed = read_jobs(bomb)
+    assert time.perf_counter() - began < 5
+    assert [j.line for j in listed.jobs] == [1]
+    assert [str(p) for p in listed.problems] == ["line 3: the job uses a YAML alias (*name); write its values out in full "
+                                                 "(aliases can expand without bound)"]
+
+
+def test_a_bad_job_fails_alone_and_leaves_the_next_as_a_clean_run_draws_it(pipe, tmp_path):
+    from tests.test_inversion import png_header
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(100_000, 100_000))
+    half = tmp_path / "half.safetensors"
+    names = [n for n, _ in pipe.unet.named_parameters() if n.endswith("attn2.to_k.weight")][:2]
+    params = dict(pipe.unet.named_parameters())
+    save_erasure(half, {names[0]: params[names[0]].detach() * 0.5, names[1]: torch.zeros(3, 3)}, method="esd", concept="circle",
+                 base=model_fingerprint(pipe), settings={})
+    plain = {"prompt": "a red circle", "seed": 5, "steps": 4}
+    jobs = [Job(1, "invert", {"image": str(bomb), "caption": "a red circle", "steps": 2}),
+            Job(2, "generate", {**plain, "erasure": str(half)}),
+            Job(3, "generate", {"prompt": "a blue square", "seed": 1, "steps": 4}),
+            Job(4, "generate", {"prompt": "a blue square", "seed": 2**70, "steps": 4}),
+            Job(5, "generate", {**plain, "id": "after"})]
+    jobs[4].params.pop("id")
+    jobs[4].id = "after"
+    summary = run_batch(pipe, jobs, tmp_path / "out", "embedded", progress=False)
+    assert set(summary.failed) == {jobs[0].id, jobs[1].id} and set(summary.done) == {jobs[2].id, "after"}
+    assert "more than the 50 megapixels xattn reads" in summary.failed[jobs[0].id]
+    assert "is (3, 3) but the UNet's is" in summary.failed[jobs[1].id]
+    assert [p.line for p in summary.invalid] == [4] and "--seed must be between 0 and" in summary.invalid[0].reason
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["jobs"][0]["status"] == "failed"
+    clean = run_batch(pipe, [jobs[2], jobs[4]], tmp_path / "clean", "embedded", progress=False)  # the same pipeline call
+    assert set(clean.done) == {jobs[2].id, "after"}
+    after, alone = (np.asarray(Image.open(tmp_path / f / "jobs" / "after" / "image-0.png")) for f in ("out", "clean"))
+    assert np.array_equal(after, alone)
+
+
+def test_an_id_given_other_content_is_redone_and_said_so(pipe, tmp_path):
+    first = run_batch(pipe, [Job(1, "generate", {"prompt": "a red circle", "steps": 3}, "mine")], tmp_path, "embedded", progress=False)
+    assert first.done == ["mine"]
+    changed = run_batch(pipe, [Job(1, "generate", {"prompt": "a blue square", "steps": 3}, "mine")], tmp_path, "embedded",
+                        progress=False)
+    assert changed.done == ["mine"] and changed.redone == ["mine"] and not changed.skipped
+    assert "redone mine: its content changed since the run that made jobs/mine" in str(changed)
+    assert Image.open(tmp_path / "jobs" / "mine" / "image-0.png").text["prompt"] == "a blue square"
+
+
+def test_a_folder_in_use_by_another_run_is_refused(pipe, tmp_path):
+    import fcntl
+
+    (tmp_path / "jobs").mkdir()
+    with open(tmp_path / ".lock-0", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="is in use by another xattn batch run; wait for it to finish, or give another --out"):
+            run_batch(pipe, [Job(1, "generate", {"prompt": "a red circle", "steps": 2})], tmp_path, "embedded", progress=False)
+    assert run_batch(pipe, [Job(1, "generate", {"prompt": "a red circle", "steps": 2})], tmp_path, "embedded", progress=False).done

@@ -65,3 +65,19 @@ def test_a_file_without_its_metadata_is_refused_by_name(pipe, tmp_path):
     save_file({name: torch.zeros(1)}, str(tmp_path / "bare.safetensors"), metadata={"format": FORMAT, "concept": "circle"})
     with pytest.raises(ValueError, match="lacks the erasure metadata method, base; it is damaged or hand-made"):
         load_erasure(pipe, tmp_path / "bare.safetensors")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda w: torch.full_like(w, float("nan")), "holds non-finite values; it is damaged"),
+    (lambda w: w * 1e6, r"holds values up to .* where the UNet's reach .*; no unlearning method moves weights that far"),
+    (lambda w: w.to(torch.int64), "is int64, not floating point; it is damaged or hand-made"),
+])
+def test_damaged_values_are_refused_before_anything_changes(pipe, tmp_path, change, message):
+    name = next(iter(parameter_group(pipe.unet, "esd-x-strict")))
+    params = dict(pipe.unet.named_parameters())
+    original = params[name].detach().clone()
+    path = save_erasure(tmp_path / "e.safetensors", {name: change(original)}, method="esd", concept="circle",
+                        base=model_fingerprint(pipe), settings={})
+    with pytest.raises(ValueError, match=message):
+        load_erasure(pipe, path)
+    assert torch.equal(params[name], original)

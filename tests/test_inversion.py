@@ -1,6 +1,9 @@
 """Real-image inversion: the DDIM step and its inverse against the scheduler, each method's defining
 property on real pipelines, editing an inverted image, the content-keyed cache, and image input."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +148,47 @@ def test_cache_is_keyed_by_image_caption_model_and_settings(shapes_pipe, tmp_pat
             shapes_pipe.unet.conv_out.bias[0] -= 1e-3
     assert run().seconds == 0
     assert len(list(tmp_path.glob("*.safetensors"))) == 5 and not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cache_entry_is_rebuilt(shapes_pipe, tmp_path, damage):
+    first = invert(shapes_pipe, SCENE.image, SCENE.caption, steps=3, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("*.safetensors")
+    data = bytearray(entry.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-5] ^= 0x40  # one bit of the last latent value
+    entry.write_bytes(bytes(data))
+    again = invert(shapes_pipe, SCENE.image, SCENE.caption, steps=3, cache_dir=tmp_path)
+    assert again.seconds > 0 and torch.equal(first.latents, again.latents)
+    assert invert(shapes_pipe, SCENE.image, SCENE.caption, steps=3, cache_dir=tmp_path).seconds == 0
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims (width, height) and holds no pixel data: what a decompression bomb shows before it unpacks."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [8_000, 100_000])
+def test_huge_images_are_refused_before_they_are_decoded(tmp_path, side):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(side, side))
+    with pytest.raises(ValueError, match="more than the 50 megapixels xattn reads; it was not decoded"):
+        prepare_image(bomb, (32, 32))
+    with pytest.raises(ValueError, match="the image is .*more than the 50 megapixels"):
+        prepare_image(bomb.read_bytes(), (32, 32))
+
+
+def test_an_animation_says_only_its_first_frame_is_used(tmp_path):
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    prepared = prepare_image(tmp_path / "a.gif", (32, 32))
+    assert prepared.notes == ["first frame only, of the 3 of an animation", "converted from mode P to RGB"]
+    assert np.asarray(prepared.image)[0, 0].tolist() == [255, 0, 0]
 
 
 def test_prepare_image_fits_any_input_and_says_what_it_did(tmp_path):

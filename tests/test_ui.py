@@ -1,8 +1,14 @@
 """The Gradio app, launched for real: every tab's endpoint through gradio_client, and the Inspect tab in a
 headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)."""
 
+import base64
+import io
 import os
 import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
 
 import numpy as np
 import pytest
@@ -97,7 +103,40 @@ def test_compose_shows_plain_and_guided_with_concept_maps(client):
         client.predict("a red circle", [], "astar", 0, 5, 5.0, api_name="/compose")
 
 
+def call_raw(url: str, endpoint: str, data: list) -> str:
+    """An API call over plain HTTP, as any script could send it: the event stream's text (or the refusal)."""
+    posted = httpx.post(f"{url}gradio_api/call/{endpoint}", json={"data": data}, timeout=60)
+    if posted.status_code != 200:
+        return f"HTTP {posted.status_code}"
+    with httpx.stream("GET", f"{url}gradio_api/call/{endpoint}/{posted.json()['event_id']}", timeout=300) as stream:
+        return "".join(stream.iter_text())
+
+
+def data_url(raw: bytes) -> dict:
+    return {"url": "data:image/png;base64," + base64.b64encode(raw).decode(), "meta": {"_type": "gradio.FileData"}}
+
+
+def test_inline_images_hold_the_upload_limit_in_bytes_and_pixels(served):
+    from tests.test_inversion import png_header
+
+    rest = ["a red circle", "direct", "a red square", "auto", "", "0.8", "0.4", 3, 5.0] + [1.0] * 12
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1900, 1900, 3), dtype=np.uint8)).save(noise, "PNG")
+    assert noise.tell() > 8_000_000
+    assert "the image is over the app's 8mb limit; send a smaller file" in call_raw(served, "real_image", [data_url(noise.getvalue())] + rest)
+    bomb = call_raw(served, "real_image", [data_url(png_header(100_000, 100_000))] + rest)
+    assert "more than the 50 megapixels xattn reads; it was not decoded" in bomb
+
+
+def test_only_the_tabs_are_endpoints(served):
+    endpoints = Client(served, verbose=False).view_api(return_format="dict", print_info=False)
+    assert list(endpoints["named_endpoints"]) == ["/inspect", "/edit", "/real_image", "/compose", "/erase"]
+    assert not endpoints["unnamed_endpoints"]
+    assert call_raw(served, "false", ["a red circle"]).startswith("HTTP ")
+
+
 def test_erase_gives_before_after_and_the_file(client):
+    made_before = set(Path(tempfile.gettempdir()).glob("xattn-erase-*"))
     before, after, path = client.predict("circle", "uce", "square", "square,triangle", 0, "a red circle; a blue circle", 0,
                                          api_name="/erase")
     assert read_metadata(path)["method"] == "uce"
@@ -106,6 +145,7 @@ def test_erase_gives_before_after_and_the_file(client):
         assert "circle" not in [o.shape for o in read_objects(tile(after, i, 128))]
     with pytest.raises(Exception, match="not a word of the tokenizer's vocabulary"):
         client.predict("zxqvw", "uce", "", "", 0, "", 0, api_name="/erase")
+    assert set(Path(tempfile.gettempdir()).glob("xattn-erase-*")) == made_before  # no folder left per call
 
 
 def test_long_work_reports_progress_per_step(client):

@@ -155,6 +155,41 @@ def test_fmn_trains_on_the_users_images(pipe):
     assert result.tensors and np.isfinite(result.record["last_loss"])
 
 
+def test_a_checkpoint_resumes_only_on_its_images_and_base_weights(pipe, tmp_path):
+    from PIL import Image
+
+    from shapes.scenes import make_scene
+
+    pictures = [Image.fromarray(make_scene(seed).image) for seed in range(2)]
+    settings = small("fmn", steps=2, contexts=("a circle",))
+    unlearn(pipe, settings, out=tmp_path, images=pictures, progress=False)
+    longer = small("fmn", steps=4, contexts=("a circle",))
+    with pytest.raises(ValueError, match="trained on other images of the concept .*give the same --images"):
+        unlearn(pipe, longer, out=tmp_path, images=pictures[::-1][:1], progress=False)
+    with pytest.raises(ValueError, match="trained on other images of the concept"):
+        unlearn(pipe, longer, out=tmp_path, progress=False)
+    bias = pipe.unet.conv_out.bias.detach().clone()
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.add_(1e-3)
+    try:
+        with pytest.raises(ValueError, match="trained from other base weights than this model's"):
+            unlearn(pipe, longer, out=tmp_path, images=pictures, progress=False)
+    finally:
+        with torch.no_grad():
+            pipe.unet.conv_out.bias.copy_(bias)
+    assert unlearn(pipe, longer, out=tmp_path, images=pictures, progress=False).tensors
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"steps": -1}, r"--steps must be between 0 \(the method's default\) and 100000; got -1"),
+    ({"lr": float("nan")}, r"--lr must be a finite number, 0 \(the method's default\) or more; got nan"),
+    ({"seed": 2**70}, r"--seed must be between 0 and \d+; got 1180591620717411303424"),
+])
+def test_numbers_out_of_range_are_named(pipe, change, message):
+    with pytest.raises(ValueError, match=message):
+        unlearn(pipe, small("esd-x", **change), progress=False)
+
+
 def test_esd_changes_only_its_group(pipe):
     result = unlearn(pipe, small("esd-x-strict", steps=2), progress=False)
     assert set(result.tensors) == set(parameter_group(pipe.unet, "esd-x-strict"))

@@ -9,21 +9,29 @@ unless told otherwise.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import math
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
-from PIL import Image
+from gradio.utils import _parse_file_size
+from PIL import Image, ImageOps
 
 from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
 from pipelines.erasure import load_erasure
 from pipelines.generate import GenerationSettings, check_size, generate
 from pipelines.guidance import compose
+from pipelines.images import read_image
 from pipelines.inversion import METHODS as INVERSIONS
 from pipelines.inversion import invert
 from pipelines.loading import load_pipeline, model_label
+from pipelines.messages import bounded
 from pipelines.unlearn import METHODS as ERASERS
 from pipelines.unlearn import UnlearnSettings, erase, template_prompts
 from xattn import trace
@@ -33,6 +41,7 @@ from xattn.tokens import pipeline_tokenizer, prompt_words
 
 MAX_WEIGHTS = 12
 UPLOAD_LIMIT = "8mb"
+UPLOAD_BYTES = _parse_file_size(UPLOAD_LIMIT)
 EDIT_MODES = ["auto", "replace", "refine", "reweight"]
 
 
@@ -43,10 +52,49 @@ def readable(handler):
     def wrapped(*args, **kwargs):
         try:
             return handler(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
+        except (ValueError, OSError) as error:
+            raise gr.Error(bounded(str(error)), print_exception=False) from None
 
     return wrapped
+
+
+def whole(value: float, name: str) -> int:
+    """A whole number from a number field; NaN, inf or a fraction is a message naming the field."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value == int(value)):
+        raise ValueError(f"{name} must be a whole number; got {value}")
+    return int(value)
+
+
+def read_payload(payload) -> Image.Image | None:
+    """An image input's payload read within the app's limits however it arrives: an upload (Gradio's `max_file_size`
+    stops it first) or inline as a `data:` URL in an API call, which Gradio would decode unchecked. Bytes are counted
+    before decoding, pixels before unpacking (`pipelines.images.read_image`), and a refusal is the app's own message."""
+    if payload is None:
+        return None
+    if payload.url and payload.url.startswith("data:"):
+        encoded = payload.url.partition(",")[2]
+        if len(encoded) * 3 // 4 > UPLOAD_BYTES:
+            raise gr.Error(f"the image is over the app's {UPLOAD_LIMIT} limit; send a smaller file", print_exception=False)
+        try:
+            source = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise gr.Error("the image's data: URL is not valid base64", print_exception=False) from None
+    else:
+        source = Path(payload.path)
+        if source.stat().st_size > UPLOAD_BYTES:
+            raise gr.Error(f"the image is over the app's {UPLOAD_LIMIT} limit; send a smaller file", print_exception=False)
+    try:
+        return ImageOps.exif_transpose(read_image(source))
+    except ValueError as error:
+        raise gr.Error(bounded(str(error)), print_exception=False) from None
+
+
+def checked_image(**options) -> gr.Image:
+    """A PIL image input read by `read_payload`. (Set on the instance: a subclass of a Gradio component makes Gradio
+    write a .pyi stub beside this module at import.)"""
+    image = gr.Image(type="pil", **options)
+    image.preprocess = read_payload
+    return image
 
 
 def words_of(pipe, prompt: str) -> list[str]:
@@ -69,6 +117,8 @@ class Handlers:
     def __init__(self, pipe, model: str) -> None:
         self.pipe, self.model = pipe, model
         self.side = check_size(pipe, None)
+        self.downloads = Path(tempfile.mkdtemp(prefix="xattn-app-"))  # the erasure files offered for download, one per name
+        weakref.finalize(self, shutil.rmtree, self.downloads, True)
 
     def resolutions(self) -> list[int]:
         return cross_resolutions(self.pipe.unet, (self.side // self.pipe.vae_scale_factor,) * 2)
@@ -80,10 +130,10 @@ class Handlers:
             raise ValueError("type a prompt first")
         if not resolutions:
             raise ValueError("tick at least one resolution")
-        steps, first, last = int(steps), int(first), int(last)
+        steps, first, last = whole(steps, "steps"), whole(first, "first"), whole(last, "last")
         if not 1 <= first <= last <= steps:
             raise ValueError(f"the step range must lie within 1..{steps} with first <= last; got {first}..{last}")
-        settings = GenerationSettings(prompt, seed=int(seed), steps=steps, guidance=guidance)
+        settings = GenerationSettings(prompt, seed=whole(seed, "seed"), steps=steps, guidance=guidance)
         with trace(self.pipe, per_step=True) as tc:
             (image,) = generate(self.pipe, settings)
         maps = tc.word_maps(resolutions=[int(r) for r in resolutions], steps=(first - 1, last))
@@ -100,8 +150,8 @@ class Handlers:
         blend_words = [w.strip() for w in (blend or "").split(",") if w.strip()]
         spec = blend_for(pipeline_tokenizer(self.pipe), source, target, blend_words) if blend_words else None
         result = prompt_to_prompt(self.pipe, [source, target], edit, cross_steps=parse_window(cross),
-                                  self_steps=parse_window(self_steps), blend=spec, steps=int(steps), guidance=guidance,
-                                  seed=int(seed), inversion=inversion, maps=True)
+                                  self_steps=parse_window(self_steps), blend=spec, steps=whole(steps, "steps"), guidance=guidance,
+                                  seed=whole(seed, "seed"), inversion=inversion, maps=True)
         first, second = result.images
         shown = [first, second] if inversion is None else [inversion.image, first, second]
         labels = ["source", "target"] if inversion is None else ["input", "redrawn", "edited"]
@@ -117,7 +167,7 @@ class Handlers:
             raise ValueError("upload an image first")
         if not (caption or "").strip():
             raise ValueError("describe the image in the caption, in the model's words")
-        inversion = invert(self.pipe, image, caption, method=method, steps=int(steps), guidance=guidance, cache_dir=None)
+        inversion = invert(self.pipe, image, caption, method=method, steps=whole(steps, "steps"), guidance=guidance, cache_dir=None)
         return self.edit(caption, target, mode, weights, blend, cross, self_steps, 0, steps, guidance, inversion=inversion)
 
     def compose(self, prompt: str, concepts: list[str], method: str, seed: float, steps: float, guidance: float,
@@ -125,8 +175,9 @@ class Handlers:
         """The guided image next to plain generation from the same noise, with each concept's map."""
         if not concepts:
             raise ValueError("tick at least one concept (a word of the prompt)")
-        plain = compose(self.pipe, prompt, concepts, method="none", seed=int(seed), steps=int(steps), guidance=guidance)
-        guided = compose(self.pipe, prompt, concepts, method=method, seed=int(seed), steps=int(steps), guidance=guidance)
+        sampling = {"seed": whole(seed, "seed"), "steps": whole(steps, "steps"), "guidance": guidance}
+        plain = compose(self.pipe, prompt, concepts, method="none", **sampling)
+        guided = compose(self.pipe, prompt, concepts, method=method, **sampling)
         sheet = grid([plain.images[0], guided.images[0]], ["plain", method], columns=2, scale=max(1, 256 // self.side))
         return sheet, _gallery(guided.images[0], guided.maps(0, size=guided.images[0].size[::-1]))
 
@@ -135,14 +186,17 @@ class Handlers:
         """Erase the concept; before and after grids of the comparison prompts, and the erasure file to download."""
         if not (concept or "").strip():
             raise ValueError("name the concept to erase, e.g. circle")
+        seed = whole(seed, "seed")
         kept = [w.strip() for w in (preserve or "").split(",") if w.strip()]
         shown = [p.strip() for p in (prompts or "").split(";") if p.strip()] or [f"a {concept}"]
         settings = UnlearnSettings(method=method, concept=concept.strip(), guide=(guide or "").strip(),
-                                   preserve=template_prompts(kept), steps=int(steps), seed=int(seed))
-        before = [generate(self.pipe, GenerationSettings(p, seed=int(seed)))[0] for p in shown]
-        path = erase(self.pipe, settings, Path(tempfile.mkdtemp(prefix="xattn-erase-")), self.model)
+                                   preserve=template_prompts(kept), steps=whole(steps, "steps"), seed=seed)
+        before = [generate(self.pipe, GenerationSettings(p, seed=seed))[0] for p in shown]
+        with tempfile.TemporaryDirectory(prefix="xattn-erase-") as work:  # the trainer's checkpoint goes with it
+            made = erase(self.pipe, settings, work, self.model)
+            path = Path(shutil.copy2(made, self.downloads / made.name))
         with load_erasure(self.pipe, path):
-            after = [generate(self.pipe, GenerationSettings(p, seed=int(seed)))[0] for p in shown]
+            after = [generate(self.pipe, GenerationSettings(p, seed=seed))[0] for p in shown]
         scale = max(1, 128 // self.side)
         return (grid(before, shown, columns=len(shown), scale=scale), grid(after, shown, columns=len(shown), scale=scale), str(path))
 
@@ -172,7 +226,7 @@ def _weight_row(pipe, target: gr.Textbox) -> list[gr.Slider]:
     gr.Markdown("Word weights (1 leaves a word as it is)")
     with gr.Row():
         sliders = [gr.Slider(0.0, 3.0, value=1.0, step=0.1, visible=False, label=f"word {i + 1}") for i in range(MAX_WEIGHTS)]
-    target.change(functools.partial(_show_weights, pipe), target, sliders, api_name=False)
+    target.change(functools.partial(_show_weights, pipe), target, sliders, api_name="weights", api_visibility="private")
     return sliders
 
 
@@ -228,14 +282,13 @@ def build_app(pipe, model: str = "embedded") -> gr.Blocks:
                 weights = _weights(pipe, target, values)
                 return readable(work.edit)(source, target, mode, weights, blend, cross, self_window, seed, steps, guidance)
 
-            app.load(functools.partial(_show_weights, pipe), target, sliders, api_name=False)
+            app.load(functools.partial(_show_weights, pipe), target, sliders, api_name="weights", api_visibility="private")
             edit_run.click(do_edit, [source, target, mode, blend, cross, self_window, edit_seed, edit_steps, edit_guidance, *sliders],
                            [side_by_side, edit_maps, edit_note], api_name="edit", **one_job)
 
         with gr.Tab("Real image"):
             with gr.Row():
-                upload = gr.Image(label="Image (PNG, JPEG, ...)", type="pil", sources=["upload"], image_mode="RGB", height=256,
-                                  elem_id="real-upload")
+                upload = checked_image(label="Image (PNG, JPEG, ...)", sources=["upload"], height=256, elem_id="real-upload")
                 with gr.Column():
                     caption = gr.Textbox(label="Caption (what the image shows)", elem_id="real-caption")
                     method = gr.Dropdown(list(INVERSIONS), value="direct", label="Inversion")
@@ -268,7 +321,8 @@ def build_app(pipe, model: str = "embedded") -> gr.Blocks:
             with gr.Row():
                 compose_sheet = gr.Image(label="Plain generation and guided, same noise", type="pil", elem_id="compose-result")
                 compose_maps = gr.Gallery(label="Each concept's map", columns=4)
-            compose_prompt.change(lambda p: gr.update(choices=words_of(pipe, p), value=[]), compose_prompt, concepts, api_name=False)
+            compose_prompt.change(lambda p: gr.update(choices=words_of(pipe, p), value=[]), compose_prompt, concepts,
+                                  api_name="concepts", api_visibility="private")
             compose_run.click(readable(work.compose), [compose_prompt, concepts, compose_method, compose_seed, compose_steps,
                                                        compose_guidance], [compose_sheet, compose_maps], api_name="compose", **one_job)
 

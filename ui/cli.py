@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-from pipelines.generate import GenerationSettings
+from pipelines.generate import MAX_NUM, MAX_SEED, GenerationSettings
+from pipelines.messages import bounded
+
+
+def _whole(low: int, high: int):
+    """An argparse type: a whole number in [low, high], or an error argparse reports under the option's name."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{bounded(text)!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}; got {bounded(str(value))}")
+        return value
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{bounded(text)!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {bounded(text)}")
+    return value
+
+
+SEED = _whole(0, MAX_SEED)
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 turns it off)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the first image (image i uses seed+i)")
+    parser.add_argument("--steps", type=_whole(1, 1000), default=25, help="denoising steps (at most the scheduler's training steps, 1000)")
+    parser.add_argument("--guidance", type=_finite, default=5.0, help="classifier-free guidance scale (1 turns it off)")
 
 
 def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from pipelines.erasure import load_erasure
 
         erasure = load_erasure(pipe, args.erasure)
-        print(f"erasure applied: {erasure.metadata['method']} of {erasure.metadata['concept']!r}", file=sys.stderr)
+        print(bounded(f"erasure applied: {erasure.metadata['method']} of {erasure.metadata['concept']!r}"), file=sys.stderr)
     settings = GenerationSettings(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
     for path in generate_to_files(pipe, settings, Path(args.out), model_label(args.model), num=args.num):
         print(path)
@@ -71,7 +102,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         try:
             weights[word.strip()] = float(scale)
         except ValueError:
-            raise ValueError(f"--reweight {item!r}: write WORD=SCALE, e.g. red=2") from None
+            raise ValueError(f"--reweight {bounded(item)!r}: write WORD=SCALE, e.g. red=2") from None
     pipe = load_pipeline(args.model)
     tokenizer = pipeline_tokenizer(pipe)
     edit = choose_edit(tokenizer, args.source, args.target, args.mode, weights)
@@ -208,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate images from a prompt")
     generate.add_argument("prompt")
     _add_generation_options(generate)
-    generate.add_argument("--num", type=int, default=1, help="how many images")
-    generate.add_argument("--size", type=int, help="image side in pixels (default: the model's own)")
+    generate.add_argument("--num", type=_whole(1, MAX_NUM), default=1, help="how many images")
+    generate.add_argument("--size", type=_whole(1, 2**20), help="image side in pixels (default: the model's own; at most 4x it)")
     generate.add_argument("--out", default="outputs/generate", help="folder for the PNGs")
     generate.add_argument("--erasure", help="an erasure file from `xattn unlearn` to apply to the model first")
     generate.set_defaults(run=cmd_generate)
@@ -251,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--method", default="astar", choices=GUIDANCE,
                          help="astar: segregation + retention losses; attend-excite: the neglected concept's peak; none: plain")
     _add_generation_options(compose)
-    compose.add_argument("--num", type=int, default=1, help="how many images (one folder each when more than one)")
+    compose.add_argument("--num", type=_whole(1, MAX_NUM), default=1, help="how many images (one folder each when more than one)")
     compose.add_argument("--out", default="outputs/compose", help="folder for image.png, each concept's overlay, grid.png and maps.npz")
     compose.set_defaults(run=cmd_compose)
 
@@ -264,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--preserve-prompts", nargs="+", metavar="PROMPT", help="prompts to keep, as they are")
     unlearn.add_argument("--contexts", nargs="+", metavar="PROMPT", help="prompts that name the concept (default: 'a photo of a CONCEPT', ...)")
     unlearn.add_argument("--images", help="folder of your images of the concept for fmn and salun (default: the model draws its own)")
-    unlearn.add_argument("--steps", type=int, default=0, help="training steps (default: the method's)")
-    unlearn.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the method's)")
-    unlearn.add_argument("--seed", type=int, default=0)
+    unlearn.add_argument("--steps", type=_whole(0, 100_000), default=0, help="training steps (default: the method's)")
+    unlearn.add_argument("--lr", type=_finite, default=0.0, help="learning rate (default: the method's)")
+    unlearn.add_argument("--seed", type=_whole(0, MAX_SEED // 2), default=0)
     unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
     unlearn.add_argument("--out", required=True, help="folder for the erasure file and the checkpoint a rerun resumes from")
     unlearn.set_defaults(run=cmd_unlearn)
@@ -276,18 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--out", default="outputs/batch", help="folder for jobs/<id>/ and manifest.json; a rerun resumes it")
     batch.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
     batch.add_argument("--retry-failed", action="store_true", help="redo the jobs that failed in an earlier run")
-    batch.add_argument("--batch-size", type=int, default=8, help="generate jobs with the same settings per pipeline call")
+    batch.add_argument("--batch-size", type=_whole(1, 256), default=8, help="generate jobs with the same settings per pipeline call")
     batch.set_defaults(run=cmd_batch)
 
     ui = commands.add_parser("ui", help="the Gradio app: inspect, edit, real image, compose, erase")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    ui.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    ui.add_argument("--port", type=_whole(1, 65535), help="port (default: Gradio's, 7860 or the next free one)")
     ui.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
     ui.set_defaults(run=cmd_ui)
 
     demo = commands.add_parser("demo", help="the main job on the embedded model: PNGs and an index page")
     demo.add_argument("--out", default="outputs/demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=SEED, default=0)
     demo.set_defaults(run=cmd_demo)
     return parser
 
@@ -297,8 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"xattn {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        from pipelines.messages import bounded
+
+        print(f"xattn {args.command}: error: {bounded(str(error))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
