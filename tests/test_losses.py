@@ -133,3 +133,27 @@ def test_mean_overlap_is_the_pairs_soft_iou():
 def test_step_sizes_follow_attend_and_excite():
     alphas = losses.step_sizes(20.0, 50)
     assert [round(float(alphas[i]), 2) for i in (0, 10, 20, 49)] == [20.0, 18.95, 17.84, 14.14]
+
+
+def test_disjoint_loss_is_the_mean_pairwise_cosine_of_the_object_maps():
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    c = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    maps = torch.stack([torch.stack([a, b, c]), torch.stack([a, a, a])])
+    # row 0: cos(a, b) = 1/sqrt(2), cos(a, c) = 0, cos(b, c) = 0; row 1: identical maps
+    assert torch.allclose(losses.disjoint_loss(maps), torch.tensor([(1 / math.sqrt(2)) / 3, 1.0]))
+    assert losses.disjoint_loss(maps[:, :1]).tolist() == [0.0, 0.0]
+
+
+def test_background_loss_is_the_mean_cosine_of_each_object_map_with_the_background():
+    background = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    inside = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    leaking = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    maps = torch.stack([inside, leaking])[None]
+    # cos(inside, bg) = 0; cos(leaking, bg) = 1 / (sqrt(2) sqrt(3))
+    assert torch.allclose(losses.background_loss(maps, background), torch.tensor([(1 / math.sqrt(6)) / 2]))
+
+
+def test_dpl_thresholds_decay_as_the_paper_schedules_them():
+    assert losses.dpl_threshold(0, alpha=25, beta=0.3) == 0.3
+    assert math.isclose(losses.dpl_threshold(25, alpha=25, beta=0.9), 0.9 / math.e)

@@ -1,4 +1,5 @@
-"""Losses over cross-attention maps for test-time guidance: Attend-and-Excite and A-STAR.
+"""Losses over cross-attention maps: Attend-and-Excite and A-STAR for test-time guidance, and Dynamic Prompt
+Learning's (Wang et al. 2023) for learning token embeddings of a real image's objects.
 
 All functions are pure and batched: concept maps are (rows, concepts, h, w), one row per image,
 and every loss returns one value per row, so a batch's summed loss has, for each image's latent,
@@ -13,6 +14,7 @@ is absent. Either is smoothed with a 3x3 Gaussian (`smooth`) before a loss reads
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -133,3 +135,26 @@ def mean_overlap(maps: torch.Tensor) -> torch.Tensor:
 def step_sizes(scale: float, steps: int, end: float = 0.5) -> torch.Tensor:
     """A&E's schedule: scale * sqrt(linspace(1, end, steps)), larger early when the layout forms."""
     return scale * torch.linspace(1.0, end, steps, dtype=torch.float64).sqrt()
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of maps flattened over their last two dims."""
+    return F.cosine_similarity(a.flatten(-2), b.flatten(-2), dim=-1, eps=1e-8)
+
+
+def disjoint_loss(maps: torch.Tensor) -> torch.Tensor:
+    """DPL's L_dj: mean over pairs of object tokens of the cosine similarity of their (raw) maps, per row; 0 with one object."""
+    count = maps.shape[1]
+    pairs = [_cosine(maps[:, m], maps[:, n]) for m in range(count) for n in range(m)]
+    return torch.stack(pairs, -1).mean(-1) if pairs else maps.new_zeros(maps.shape[0])
+
+
+def background_loss(maps: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """DPL's L_bg: mean over object tokens of the cosine similarity between a token's (raw) map and the (h, w) background
+    mask, per row: attention leaking onto the background."""
+    return _cosine(maps, background.to(maps).expand_as(maps)).mean(-1)
+
+
+def dpl_threshold(step: int, alpha: float, beta: float) -> float:
+    """DPL's gradual threshold beta * exp(-step / alpha): a loss under it at denoising step `step` needs no update."""
+    return beta * math.exp(-step / alpha)
