@@ -56,7 +56,8 @@ def swap_target(scene) -> tuple[str, tuple[str, str], tuple[str, str]]:
 def run_method(pipe, method: str, images: list) -> dict:
     recon, seconds, rows = [], [], {"swap": [], "swap + local blend": []}
     for scene in images:
-        inversion = invert(pipe, scene.image, scene.caption, method=method, cache_dir=None)
+        nouns = [thing.shape for thing in scene.layout.things] if method.startswith("dpl") else ()
+        inversion = invert(pipe, scene.image, scene.caption, method=method, nouns=nouns, cache_dir=None)
         seconds.append(inversion.seconds)
         recon.append(psnr(reconstruct(pipe, inversion), scene.image))
         target, old, new = swap_target(scene)

@@ -31,6 +31,7 @@ from accelerate import PartialState
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
+from pipelines.dpl import find_nouns
 from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
 from pipelines.erasure import apply_erasure, load_erasure
 from pipelines.generate import GenerationSettings, check_sampling, check_size, finite_images, generate, save_png
@@ -117,6 +118,8 @@ def check_job(pipe: DiffusionPipeline, job: Job) -> None:
             raise ValueError(f"unknown inversion {p['inversion']!r}; use one of {', '.join(INVERSIONS)}")
         if "image" in p and not Path(p["image"]).is_file():
             raise ValueError(f"no image file at {p['image']}")
+        if p.get("inversion") in ("dpl", "dpl-direct"):
+            find_nouns(pipe, p.get("caption", p.get("source")), p.get("nouns", []))
     if job.kind == "erase-then-generate" and p.get("method", "uce") not in ERASERS:
         raise ValueError(f"unknown unlearning method {p['method']!r}; use one of {', '.join(ERASERS)}")
 
@@ -154,7 +157,7 @@ def _edit(pipe, job: Job, folder: Path, model: str) -> None:
     inversion = None
     if "image" in p:
         inversion = invert(pipe, p["image"], p["source"], method=p.get("inversion", "direct"), steps=sampling["steps"],
-                           guidance=sampling["guidance"], cache_dir=None)
+                           guidance=sampling["guidance"], nouns=p.get("nouns", ()), cache_dir=None)
     result = prompt_to_prompt(pipe, [p["source"], p["target"]], edit, cross_steps=parse_window(str(p.get("cross_steps", "0.8"))),
                               self_steps=parse_window(str(p.get("self_steps", "0.4"))), blend=blend, inversion=inversion, **sampling)
     meta = {"source": p["source"], "target": p["target"], "edit": describe(edit), "model": model, **sampling}
@@ -175,7 +178,7 @@ def _compose(pipe, job: Job, folder: Path, model: str) -> None:
 def _invert(pipe, job: Job, folder: Path, model: str) -> dict:
     p = job.params
     inversion = invert(pipe, p["image"], p["caption"], method=p.get("inversion", "direct"), steps=p.get("steps", 25),
-                       guidance=float(p.get("guidance", 5.0)), cache_dir=None)
+                       guidance=float(p.get("guidance", 5.0)), nouns=p.get("nouns", ()), cache_dir=None)
     redrawn = reconstruct(pipe, inversion)
     meta = {"image": p["image"], "caption": p["caption"], "inversion": inversion.method, "model": model}
     save_png(inversion.image, folder / "input.png", meta)

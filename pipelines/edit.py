@@ -165,16 +165,18 @@ def prompt_to_prompt(
     if pictures is not None:
         call_options["ip_adapter_image_embeds"] = pipeline_image_embeds(pictures, len(prompts), guidance > 1)
 
+    sampling = inversion.sampling(pipe, prompts) if inversion is not None else None
+
     def on_step_end(pipeline, call: int, timestep, tensors):
-        changed = inversion.on_step_end(call, tensors) if inversion is not None else {}
+        changed = sampling.on_step_end(call, tensors) if sampling is not None else {}
         if blend is not None and calls.steps[call] >= blend_start and calls.settles(call):
             latents = changed.get("latents", tensors["latents"])
             region = fixed_region if fixed_region is not None else controller.blend_region(latent, blend.threshold, blend.subtract_threshold)
             changed["latents"] = blend_latents(latents, region.to(latents.device), images)
         return changed
 
-    if inversion is not None:
-        call_options |= inversion.call_options(pipe, len(prompts))
+    if sampling is not None:
+        call_options |= sampling.options
     else:
         call_options.setdefault("generator", [torch.Generator(device="cpu").manual_seed(seed + j) for _ in prompts for j in range(images)])
         if "height" in inspect.signature(pipe.__call__).parameters:
@@ -183,8 +185,8 @@ def prompt_to_prompt(
         call_options["negative_prompt"] = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
     call_options = with_callback(call_options, on_step_end if blend is not None or inversion is not None else None, ["latents", "prompt_embeds"])
     with attach(pipe, controller) as state, ddim_sampling(pipe) if inversion is not None else nullcontext():
-        made = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=images, output_type=output_type,
-                    **call_options).images
+        made = pipe(None if "prompt_embeds" in call_options else prompts, num_inference_steps=steps, guidance_scale=guidance,
+                    num_images_per_prompt=images, output_type=output_type, **call_options).images
     return EditResult(list(made), prompts, edits, Trace(pipe, store, state) if store is not None else None)
 
 

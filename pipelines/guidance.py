@@ -14,8 +14,7 @@ is optimised on its own maps in one batched pass.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,6 +29,7 @@ from pipelines.stepping import Calls, with_callback
 from xattn import losses
 from xattn.attach import CallState, attach
 from xattn.capture import MapCapture
+from xattn.denoiser import frozen
 from xattn.sites import cross_grids, layout_side, nearest_cross_side
 from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens
 
@@ -285,21 +285,6 @@ class _Guide:
         return (x - alpha.reshape(-1, *[1] * (x.ndim - 1)) * grad).detach()
 
 
-@contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
-    """Weights out of the autograd graph for the block: guidance differentiates with respect to the
-    latents only, and weights that require grad make every layer keep its input for their gradient
-    (8 % of an A&E run's time on the embedded model)."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-
-
 def _layout_masks(layout: Mapping[str, np.ndarray | torch.Tensor], concepts: list[list[str]], grid: tuple[int, int]) -> torch.Tensor:
     """User masks as (rows, concepts, h, w) 0/1 at the map grid; nan for concepts without one."""
     unknown = set(layout) - {w for words in concepts for w in words}
@@ -410,7 +395,7 @@ def compose(
             return {}
         return {"latents": guide(tensors["latents"], calls.steps[following], timesteps[following])}
 
-    with attach(pipe, capture) as state, _frozen(pipe.unet):
+    with attach(pipe, capture) as state, frozen(pipe.unet):
         guide = _Guide(pipe, capture, state, settings, text, row_tokens, text_ends, masks, calls.count)
         start = guide(noise * sigma, 0, timesteps[0]) / sigma
         result = pipe(rows, num_inference_steps=steps, guidance_scale=guidance, height=size[0], width=size[1],

@@ -14,14 +14,18 @@ encoded image, ..., z*_T). They differ in how guided sampling is kept on that tr
 - "negative-prompt" (Miyake et al. 2023): the caption's own embedding as the unconditional one,
   so the source's guided prediction is the conditional one the inversion used.
 - "ddim": nothing; guided sampling drifts from the trajectory as the guidance grows.
+- "dpl" (Wang et al. 2023, `pipelines.dpl`): null-text, and before each of its steps the caption's object nouns'
+  token embeddings learnt against cross-attention leakage; edits read them per step. "dpl-direct": the same tokens
+  with the direct correction instead of null-text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,12 +37,17 @@ from PIL import Image
 
 from pipelines.conditioning import TextConditioning, encode_text, unet_output
 from pipelines.ddim import Level, ddim_coefficients, ddim_from, ddim_levels, ddim_sampling
+from pipelines.dpl import (DPLSettings, Nouns, check_supported, clustered_background, encode_with, find_nouns,
+                          initial_vectors, inversion_store, learn_step, map_capture, map_side, user_background)
 from pipelines.generate import check_sampling, image_size
 from pipelines.images import image_to_latent, prepare_image
 from pipelines.inversion_cache import DEFAULT_CACHE, InversionCache, inversion_key, model_fingerprint
+from xattn.align import refine_mapper
+from xattn.attach import attach
 from xattn.denoiser import has_ip_adapter
+from xattn.tokens import pipeline_tokenizer
 
-METHODS = ("direct", "null-text", "negative-prompt", "ddim")
+METHODS = ("direct", "null-text", "negative-prompt", "ddim", "dpl", "dpl-direct")
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +69,14 @@ class NullTextSettings:
 
 
 @dataclass
+class Sampling:
+    """A pipeline call's options for sampling from an inversion, and its `callback_on_step_end` body."""
+
+    options: dict
+    on_step_end: Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
 class Inversion:
     method: str
     caption: str
@@ -71,6 +88,8 @@ class Inversion:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # how long inverting took; 0 when it came from the cache
     negative_prompt: str | None = None  # null-text's starting point for its unconditional embeddings
+    tokens: torch.Tensor | None = None  # (steps, positions, D): dpl's learnt input embeddings of the nouns' tokens per step
+    token_positions: tuple[int, ...] = ()  # the caption's token positions those embeddings replace
 
     @property
     def size(self) -> tuple[int, int]:
@@ -87,43 +106,69 @@ class Inversion:
             raise ValueError(f"the source prompt {prompts[0]!r} must be the caption the image was inverted with, {self.caption!r}")
         if steps != self.steps:
             raise ValueError(f"the image was inverted for {self.steps} steps; edit with steps={self.steps} or invert again")
-        if self.method == "null-text" and guidance != self.guidance:
-            raise ValueError(f"null-text embeddings were optimised for guidance {self.guidance:g}; edit with guidance={self.guidance:g} or invert again")
-        if self.method in ("null-text", "negative-prompt") and negative_prompt is not None:
+        if self.nulls is not None and guidance != self.guidance:
+            raise ValueError(f"{self.method} embeddings were optimised for guidance {self.guidance:g}; edit with guidance={self.guidance:g} or invert again")
+        if (self.nulls is not None or self.method == "negative-prompt") and negative_prompt is not None:
             raise ValueError(f"{self.method} inversion sets the unconditional prompt itself; leave out negative_prompt "
                              "(null-text takes it when inverting, as its starting point)")
 
-    def call_options(self, pipe: DiffusionPipeline, rows: int) -> dict:
-        """What a pipeline call of `rows` prompts needs to sample from this inversion: the starting latents (and
-        size, or for an img2img pipeline its image at full strength) and the unconditional embeddings."""
+    def sampling(self, pipe: DiffusionPipeline, prompts: list[str]) -> Sampling:
+        """What a pipeline call of `prompts` (the caption first) needs to sample from this inversion: the starting
+        latents (and size, or for an img2img pipeline its image at full strength), the unconditional embeddings, with
+        dpl every prompt's embeddings per step, and what to change after each step."""
         params = check_redraws(pipe)
+        rows = len(prompts)
         options = {"latents": self.start.to(pipe.unet.dtype).expand(rows, -1, -1, -1).clone()}
         if "height" in params:
             options |= {"height": self.size[0], "width": self.size[1]}
         if "image" in params:
             options |= {"image": self.image, "strength": 1.0}
-        if self.method not in ("null-text", "negative-prompt"):
-            return options
-        cond, uncond = encode_text(pipe, [self.caption], self.size, self.negative_prompt)
-        negative = cond if self.method == "negative-prompt" else uncond.with_embeds(self.nulls[:1].to(uncond.embeds))
-        negative = negative.rows(rows)
-        options["negative_prompt_embeds"] = negative.embeds
-        if negative.pooled is not None:
-            options["negative_pooled_prompt_embeds"] = negative.pooled
-        return options
+        learnt = self._learnt_embeddings(pipe, prompts)
+        if learnt is not None:
+            options["prompt_embeds"] = learnt[0]
+        if self.nulls is not None or self.method == "negative-prompt":
+            cond, uncond = encode_text(pipe, [self.caption], self.size, self.negative_prompt)
+            negative = cond if self.method == "negative-prompt" else uncond.with_embeds(self.nulls[:1].to(uncond.embeds))
+            negative = negative.rows(rows)
+            options["negative_prompt_embeds"] = negative.embeds
+            if negative.pooled is not None:
+                options["negative_pooled_prompt_embeds"] = negative.pooled
 
-    def on_step_end(self, step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What changes after denoising step `step`: direct adds to every row the correction that puts the source
-        row back on the trajectory; null-text sets the next step's null embedding."""
-        changed = {}
-        if self.method == "direct":
-            latents = tensors["latents"]
-            changed["latents"] = latents + (self.latents[self.steps - 1 - step].to(latents) - latents[:1])
-        if self.method == "null-text" and step + 1 < self.steps:
-            embeds = tensors["prompt_embeds"].clone()
-            embeds[: embeds.shape[0] // 2] = self.nulls[step + 1].to(embeds)
-            changed["prompt_embeds"] = embeds
-        return changed
+        def on_step_end(step: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            """Direct adds to every row the correction that puts the source row back on the trajectory; null-text
+            and dpl set the next step's unconditional and learnt embeddings."""
+            changed = {}
+            if self.method in ("direct", "dpl-direct"):
+                latents = tensors["latents"]
+                changed["latents"] = latents + (self.latents[self.steps - 1 - step].to(latents) - latents[:1])
+            if step + 1 < self.steps and (self.nulls is not None or learnt is not None):
+                embeds = tensors["prompt_embeds"].clone()
+                guided = embeds.shape[0] == 2 * rows  # [unconditional, conditional] rows under classifier-free guidance
+                if self.nulls is not None:
+                    embeds[:rows] = self.nulls[step + 1].to(embeds)
+                if learnt is not None:
+                    embeds[rows if guided else 0 :] = learnt[step + 1].to(embeds)
+                changed["prompt_embeds"] = embeds
+            return changed
+
+        return Sampling(options, on_step_end)
+
+    def _learnt_embeddings(self, pipe: DiffusionPipeline, prompts: list[str]) -> torch.Tensor | None:
+        """dpl: (steps, rows, T, D) embeddings of every prompt with each step's learnt noun vectors, placed where a
+        prompt keeps a noun token of the caption (aligned as a refinement aligns them); None for other methods."""
+        if self.tokens is None:
+            return None
+        tokenizer = pipeline_tokenizer(pipe)
+        caption_ids = tokenizer(self.caption).input_ids
+        placed = []
+        for prompt in prompts:
+            ids = tokenizer(prompt).input_ids
+            mapper = refine_mapper(tokenizer, self.caption, prompt)[0].tolist() if prompt != self.caption else list(range(len(ids)))
+            placed.append([(t, self.token_positions.index(s)) for t, s in enumerate(mapper[: len(ids)])
+                           if s in self.token_positions and ids[t] == caption_ids[s]])
+        with torch.no_grad():
+            return torch.stack([torch.cat([encode_with(pipe, prompt, [t for t, _ in pairs], self.tokens[i, [k for _, k in pairs]])
+                                           for prompt, pairs in zip(prompts, placed)]) for i in range(self.steps)])
 
 
 def check_redraws(pipe: DiffusionPipeline) -> Mapping[str, inspect.Parameter]:
@@ -147,6 +192,42 @@ def ddim_invert(pipe: DiffusionPipeline, latent: torch.Tensor, text: TextConditi
     return torch.cat(path)
 
 
+def null_step(
+    pipe: DiffusionPipeline,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    level: Level,
+    prediction: str,
+    cond: TextConditioning,
+    uncond: TextConditioning,
+    null: torch.Tensor,
+    guidance: float,
+    settings: NullTextSettings,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of null-text: the unconditional embedding (warm-started from `null`) that puts guided DDIM from `x` on
+    `target`, (1, T, D) in float32, and the latent guided DDIM reaches with it."""
+    c_x, c_out = ddim_coefficients(level.alpha, level.alpha_next, prediction)
+    dtype = uncond.embeds.dtype
+    with torch.no_grad():
+        out_cond = unet_output(pipe, x, level.timestep, cond)
+    null = null.detach().clone().requires_grad_(True)  # a fresh tensor: Adam updates in place, and the stored nulls must keep their values
+    optimiser = torch.optim.Adam([null], lr=settings.rate(step))
+    bound = settings.bound(step)
+    for _ in range(settings.inner_steps):
+        out_null = unet_output(pipe, x, level.timestep, uncond.with_embeds(null.to(dtype)))
+        guided = out_null + guidance * (out_cond - out_null)
+        loss = F.mse_loss((c_x * x + c_out * guided).float(), target.float())
+        (null.grad,) = torch.autograd.grad(loss, [null])
+        optimiser.step()
+        if loss.item() < bound:
+            break
+    null = null.detach()
+    with torch.no_grad():
+        out_null = unet_output(pipe, x, level.timestep, uncond.with_embeds(null.to(dtype)))
+        return null, c_x * x + c_out * (out_null + guidance * (out_cond - out_null))
+
+
 def optimise_nulls(
     pipe: DiffusionPipeline,
     latents: torch.Tensor,
@@ -158,31 +239,23 @@ def optimise_nulls(
     settings: NullTextSettings,
 ) -> torch.Tensor:
     """(steps, T, D) unconditional embeddings, each warm-started from the previous step's, that put guided DDIM on the trajectory."""
-    steps, dtype = len(levels), uncond.embeds.dtype
-    null = uncond.embeds.detach().float()
-    x, nulls = latents[-1:], []
+    steps = len(levels)
+    null, x, nulls = uncond.embeds.detach().float(), latents[-1:], []
     for i, level in enumerate(levels):
-        c_x, c_out = ddim_coefficients(level.alpha, level.alpha_next, prediction)
-        target = latents[steps - 1 - i : steps - i].float()
-        with torch.no_grad():
-            out_cond = unet_output(pipe, x, level.timestep, cond)
-        null = null.detach().clone().requires_grad_(True)  # a fresh tensor: Adam updates in place, and the stored nulls must keep their values
-        optimiser = torch.optim.Adam([null], lr=settings.rate(i))
-        bound = settings.bound(i)
-        for _ in range(settings.inner_steps):
-            out_null = unet_output(pipe, x, level.timestep, uncond.with_embeds(null.to(dtype)))
-            guided = out_null + guidance * (out_cond - out_null)
-            loss = F.mse_loss((c_x * x + c_out * guided).float(), target)
-            (null.grad,) = torch.autograd.grad(loss, [null])
-            optimiser.step()
-            if loss.item() < bound:
-                break
-        null = null.detach()
+        null, x = null_step(pipe, x, latents[steps - 1 - i : steps - i], level, prediction, cond, uncond, null, guidance, settings, i)
         nulls.append(null[0])
-        with torch.no_grad():
-            out_null = unet_output(pipe, x, level.timestep, uncond.with_embeds(null.to(dtype)))
-            x = c_x * x + c_out * (out_null + guidance * (out_cond - out_null))
     return torch.stack(nulls)
+
+
+def _masks_digest(masks: Mapping[str, np.ndarray | torch.Tensor] | None) -> str | None:
+    if masks is None:
+        return None
+    digest = hashlib.sha256()
+    for noun in sorted(masks):
+        mask = np.asarray(masks[noun], dtype=bool)
+        digest.update(f"{noun}:{mask.shape}".encode())
+        digest.update(mask.tobytes())
+    return digest.hexdigest()
 
 
 def invert(
@@ -197,12 +270,17 @@ def invert(
     width: int | None = None,
     negative_prompt: str | None = None,
     null_text: NullTextSettings = NullTextSettings(),
+    nouns: Sequence[str] = (),
+    masks: Mapping[str, np.ndarray | torch.Tensor] | None = None,
+    dpl: DPLSettings = DPLSettings(),
     cache_dir: str | Path | None = DEFAULT_CACHE,
 ) -> Inversion:
     """Invert `image` (any size and mode; fitted to (height, width), the model's size by default, with a logged note) under `caption`.
 
-    guidance is the scale the edits will use; only null-text depends on it, and on
-    negative_prompt, the unconditional prompt its embeddings start from (default: the empty one).
+    guidance is the scale the edits will use; only null-text and dpl depend on it, and on
+    negative_prompt, the unconditional prompt their embeddings start from (default: the empty one).
+    nouns, masks, dpl: for "dpl" and "dpl-direct", the caption's object nouns (each occurrence is one object), optionally
+    a boolean mask per noun at the model's image size (default: found by self-attention clustering), and the settings.
     Results are cached in `cache_dir` (None: no cache) by image content, caption, model weights and settings.
     """
     if method not in METHODS:
@@ -212,42 +290,104 @@ def invert(
         raise ValueError("inversion runs the UNet on the caption alone, and this pipeline has an IP-Adapter loaded: "
                          "pipe.unload_ip_adapter() first")
     check_redraws(pipe)
-    prepared = prepare_image(image, image_size(pipe, height, width))
+    size = image_size(pipe, height, width)
+    learning = method in ("dpl", "dpl-direct")
+    found = None
+    if learning:
+        check_supported(pipe)
+        found = find_nouns(pipe, caption, nouns)
+        side = map_side(pipe, (size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor), dpl)
+        background = user_background(masks, found.words, size, side) if masks is not None else None
+    elif nouns or masks is not None:
+        raise ValueError(f"nouns and masks are dpl's; {method} takes neither")
+    prepared = prepare_image(image, size)
     for note in prepared.notes:
         log.warning("input image %s", note)
     settings = {"method": method, "steps": steps, "dtype": str(pipe.unet.dtype)}
-    if method == "null-text":
+    if method in ("null-text", "dpl"):
         settings |= {"guidance": guidance, "negative_prompt": negative_prompt, **asdict(null_text)}
+    if learning:
+        settings |= {"nouns": list(found.words), "masks": _masks_digest(masks), **asdict(dpl)}
     cache = InversionCache(cache_dir) if cache_dir is not None else None
     key = inversion_key(prepared.image, caption, model_fingerprint(pipe), settings) if cache else None
     stored = cache.load(key) if cache else None
     if stored is not None:
         return Inversion(method, caption, steps, guidance, stored["latents"], stored.get("nulls"), prepared.image, prepared.notes,
-                         negative_prompt=negative_prompt)
+                         negative_prompt=negative_prompt, tokens=stored.get("tokens"),
+                         token_positions=tuple(found.positions) if found else ())
     began = time.perf_counter()
     scheduler = ddim_from(pipe.scheduler)
     levels = ddim_levels(scheduler, steps)
     prediction = scheduler.config.prediction_type
-    cond, uncond = encode_text(pipe, [caption], image_size(pipe, height, width), negative_prompt)
-    latents = ddim_invert(pipe, image_to_latent(pipe, prepared.image), cond, levels, prediction)
-    nulls = optimise_nulls(pipe, latents, cond, uncond, levels, prediction, guidance, null_text) if method == "null-text" else None
+    cond, uncond = encode_text(pipe, [caption], size, negative_prompt)
+    latent = image_to_latent(pipe, prepared.image)
+    tokens = nulls = None
+    if learning and background is None:
+        store = inversion_store(pipe, tuple(latent.shape[-2:]), side)
+        with attach(pipe, store):
+            latents = ddim_invert(pipe, latent, cond, levels, prediction)
+        background = clustered_background(store, found, side, dpl)
+    else:
+        latents = ddim_invert(pipe, latent, cond, levels, prediction)
+    if learning:
+        tokens, nulls = _learn_tokens(pipe, latents, caption, found, background, side, uncond, levels, prediction, guidance,
+                                      null_text if method == "dpl" else None, dpl)
+    elif method == "null-text":
+        nulls = optimise_nulls(pipe, latents, cond, uncond, levels, prediction, guidance, null_text)
     result = Inversion(method, caption, steps, guidance, latents, nulls, prepared.image, prepared.notes, time.perf_counter() - began,
-                       negative_prompt)
+                       negative_prompt, tokens, tuple(found.positions) if found else ())
     if cache:
-        tensors = {"latents": latents} | ({"nulls": nulls} if nulls is not None else {})
+        tensors = {"latents": latents} | ({"nulls": nulls} if nulls is not None else {}) | ({"tokens": tokens} if tokens is not None else {})
         cache.save(key, tensors, {"caption": caption} | {k: str(v) for k, v in settings.items()})
     return result
 
 
+def _learn_tokens(
+    pipe: DiffusionPipeline,
+    latents: torch.Tensor,
+    caption: str,
+    nouns: Nouns,
+    background: torch.Tensor,
+    side: int,
+    uncond: TextConditioning,
+    levels: list[Level],
+    prediction: str,
+    guidance: float,
+    null_text: NullTextSettings | None,
+    settings: DPLSettings,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dpl's loop from noise to image: at each step the nouns' vectors (warm-started), then with `null_text` the step's
+    null embedding, guided DDIM advancing with both; without, the latent follows the inversion's trajectory (which the
+    direct correction keeps the source on). (steps, positions, D) vectors and (steps, T, D) nulls or None."""
+    steps = len(levels)
+    vectors = initial_vectors(pipe, caption, nouns.positions)
+    x, null = latents[-1:], uncond.embeds.detach().float()
+    learnt, nulls = [], []
+    for i, level in enumerate(levels):
+        with map_capture(pipe, side) as capture:
+            vectors, _ = learn_step(pipe, capture, x, level, caption, nouns, vectors, background, settings, settings.thresholds(i, steps))
+        learnt.append(vectors)
+        target = latents[steps - 1 - i : steps - i]
+        if null_text is None:
+            x = target
+            continue
+        with torch.no_grad():
+            cond = TextConditioning(encode_with(pipe, caption, nouns.positions, vectors))
+        null, x = null_step(pipe, x, target, level, prediction, cond, uncond, null, guidance, null_text, i)
+        nulls.append(null[0])
+    return torch.stack(learnt), torch.stack(nulls) if nulls else None
+
+
 def reconstruct(pipe: DiffusionPipeline, inversion: Inversion, output_type: str = "pil"):
     """The caption sampled from the inversion as an edit's source row is: the image redrawn."""
+    sampling = inversion.sampling(pipe, [inversion.caption])
     with ddim_sampling(pipe):
         return pipe(
-            [inversion.caption],
+            None if "prompt_embeds" in sampling.options else [inversion.caption],
             num_inference_steps=inversion.steps,
             guidance_scale=inversion.guidance,
             output_type=output_type,
-            callback_on_step_end=lambda pipeline, step, timestep, tensors: inversion.on_step_end(step, tensors),
+            callback_on_step_end=lambda pipeline, step, timestep, tensors: sampling.on_step_end(step, tensors),
             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
-            **inversion.call_options(pipe, 1),
+            **sampling.options,
         ).images[0]

@@ -14,6 +14,7 @@ from editors import LocalBlend, Refine, Reweight, Swap
 from pipelines.ddim import ddim_coefficients, ddim_levels
 from pipelines.edit import prompt_to_prompt
 from pipelines.images import image_to_latent, latent_to_image, prepare_image, psnr
+from pipelines.dpl import DPLSettings
 from pipelines.inversion import METHODS, NullTextSettings, invert, reconstruct
 from pipelines.loading import load_pipeline
 from shapes.scenes import make_scene
@@ -118,7 +119,15 @@ def test_every_method_edits_on_every_architecture(name, method):
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     scheduler = pipe.scheduler
     image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    inversion = invert(pipe, image, "a red circle", method=method, steps=3, null_text=NullTextSettings(inner_steps=2), cache_dir=None)
+    options = {}
+    if method.startswith("dpl"):
+        options = {"nouns": ["circle"], "masks": {"circle": np.arange(32)[:, None] < 16 + np.zeros((1, 32))}, "dpl": DPLSettings(inner_steps=2)}
+        if name == "sdxl":
+            with pytest.raises(ValueError, match="dpl inversion runs on one text encoder"):
+                invert(pipe, image, "a red circle", method=method, steps=3, cache_dir=None, **options)
+            return
+    inversion = invert(pipe, image, "a red circle", method=method, steps=3, null_text=NullTextSettings(inner_steps=2), cache_dir=None,
+                       **options)
     assert inversion.notes == ["centre-cropped 48x40 to 40x40", "resized 40x40 to the model's 32x32"]
     source, edited = prompt_to_prompt(pipe, ["a red circle", "a red square"], steps=3, inversion=inversion, output_type="np").images
     assert np.isfinite(edited).all() and np.abs(edited - source).max() > 0

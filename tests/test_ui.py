@@ -76,7 +76,7 @@ def test_real_image_is_inverted_and_edited(client, tmp_path):
     scene = make_scene(7_000_002)
     path = tmp_path / "photo.png"
     Image.fromarray(scene.image).save(path)
-    sheet, gallery, note = client.predict(handle_file(str(path)), scene.caption, "direct", scene.caption.replace("circle", "square", 1),
+    sheet, gallery, note = client.predict(handle_file(str(path)), scene.caption, "direct", "", scene.caption.replace("circle", "square", 1),
                                           "auto", "", "0.8", "0.4", 25, 5.0, *([1.0] * 12), api_name="/real_image")
     target = scene.caption.replace("circle", "square", 1)
     source = ["a", "blue", "circle", "above", "a#2", "yellow", "circle#2"]
@@ -85,13 +85,19 @@ def test_real_image_is_inverted_and_edited(client, tmp_path):
     assert [item["caption"] for item in gallery] == [f"source: {w}" for w in source] + [f"target: {w}" for w in edited]
     assert picture(sheet).shape[1] == 3 * 256 and match_caption(tile(sheet, 2, 256), target).ok
     with pytest.raises(Exception, match="upload an image first"):
-        client.predict(None, "a red circle", "direct", "a red square", "auto", "", "0.8", "0.4", 5, 5.0, *([1.0] * 12),
+        client.predict(None, "a red circle", "direct", "", "a red square", "auto", "", "0.8", "0.4", 5, 5.0, *([1.0] * 12),
                        api_name="/real_image")
+    with pytest.raises(Exception, match="dpl learns the caption's object nouns: name them"):
+        client.predict(handle_file(str(path)), scene.caption, "dpl", "", target, "auto", "", "0.8", "0.4", 5, 5.0, *([1.0] * 12),
+                       api_name="/real_image")
+    sheet, _, note = client.predict(handle_file(str(path)), scene.caption, "dpl-direct", "circle", target, "auto", "", "0.8", "0.4", 5,
+                                    5.0, *([1.0] * 12), api_name="/real_image")
+    assert note == "edit: replace (word swap)" and picture(sheet).shape[1] == 3 * 256
     big = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (1900, 1900, 3), dtype=np.uint8)).save(big)
     assert big.stat().st_size > 8_000_000
     with pytest.raises(Exception, match="(?i)file size|too large|exceeds"):
-        client.predict(handle_file(str(big)), "a red circle", "direct", "a red square", "auto", "", "0.8", "0.4", 5, 5.0,
+        client.predict(handle_file(str(big)), "a red circle", "direct", "", "a red square", "auto", "", "0.8", "0.4", 5, 5.0,
                        *([1.0] * 12), api_name="/real_image")
 
 
@@ -119,7 +125,7 @@ def data_url(raw: bytes) -> dict:
 def test_inline_images_hold_the_upload_limit_in_bytes_and_pixels(served):
     from tests.test_inversion import png_header
 
-    rest = ["a red circle", "direct", "a red square", "auto", "", "0.8", "0.4", 3, 5.0] + [1.0] * 12
+    rest = ["a red circle", "direct", "", "a red square", "auto", "", "0.8", "0.4", 3, 5.0] + [1.0] * 12
     noise = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (1900, 1900, 3), dtype=np.uint8)).save(noise, "PNG")
     assert noise.tell() > 8_000_000

@@ -159,15 +159,17 @@ class Handlers:
         gallery = _gallery(first, result.maps.word_maps(image=0), "source: ") + _gallery(second, result.maps.word_maps(image=1), "target: ")
         return sheet, gallery, f"edit: {describe(edit)}"
 
-    def real_image(self, image: Image.Image | None, caption: str, method: str, target: str, mode: str, weights: dict[str, float],
-                   blend: str, cross: str, self_steps: str, steps: float, guidance: float,
+    def real_image(self, image: Image.Image | None, caption: str, method: str, nouns: str, target: str, mode: str,
+                   weights: dict[str, float], blend: str, cross: str, self_steps: str, steps: float, guidance: float,
                    progress=gr.Progress(track_tqdm=True)):
-        """Invert the upload under its caption, then edit it like a generated source."""
+        """Invert the upload under its caption (dpl: learning the named nouns' tokens), then edit it like a generated source."""
         if image is None:
             raise ValueError("upload an image first")
         if not (caption or "").strip():
             raise ValueError("describe the image in the caption, in the model's words")
-        inversion = invert(self.pipe, image, caption, method=method, steps=whole(steps, "steps"), guidance=guidance, cache_dir=None)
+        named = [w.strip() for w in (nouns or "").split(",") if w.strip()]
+        inversion = invert(self.pipe, image, caption, method=method, steps=whole(steps, "steps"), guidance=guidance, nouns=named,
+                           cache_dir=None)
         return self.edit(caption, target, mode, weights, blend, cross, self_steps, 0, steps, guidance, inversion=inversion)
 
     def compose(self, prompt: str, concepts: list[str], method: str, seed: float, steps: float, guidance: float,
@@ -292,6 +294,7 @@ def build_app(pipe, model: str = "embedded") -> gr.Blocks:
                 with gr.Column():
                     caption = gr.Textbox(label="Caption (what the image shows)", elem_id="real-caption")
                     method = gr.Dropdown(list(INVERSIONS), value="direct", label="Inversion")
+                    nouns = gr.Textbox(label="Nouns of the caption's objects (dpl; comma-separated)")
                     real_target = gr.Textbox(label="Target prompt", elem_id="real-target")
                     real_mode, real_blend, real_cross, real_self = _edit_options()
             with gr.Row():
@@ -300,12 +303,13 @@ def build_app(pipe, model: str = "embedded") -> gr.Blocks:
             real_run, real_note, real_sheet, real_maps = _edit_results("Invert and edit", "real", "Input, redrawn, edited",
                                                                        "Heat maps as the edit drew them (redrawn input, then edited)")
 
-            def do_real(image, caption, method, target, mode, blend, cross, self_window, steps, guidance, *values,
+            def do_real(image, caption, method, nouns, target, mode, blend, cross, self_window, steps, guidance, *values,
                         progress=gr.Progress(track_tqdm=True)):
                 weights = _weights(pipe, target, values)
-                return readable(work.real_image)(image, caption, method, target, mode, weights, blend, cross, self_window, steps, guidance)
+                return readable(work.real_image)(image, caption, method, nouns, target, mode, weights, blend, cross, self_window, steps,
+                                                 guidance)
 
-            real_run.click(do_real, [upload, caption, method, real_target, real_mode, real_blend, real_cross, real_self, real_steps,
+            real_run.click(do_real, [upload, caption, method, nouns, real_target, real_mode, real_blend, real_cross, real_self, real_steps,
                                      real_guidance, *real_sliders], [real_sheet, real_maps, real_note], api_name="real_image", **one_job)
 
         with gr.Tab("Compose"):

@@ -54,6 +54,9 @@ def _add_inversion_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--inversion", default="direct", choices=METHODS, help="how a real image is inverted (default: direct)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder of cached inversions, keyed by image, caption, model and settings")
+    parser.add_argument("--nouns", help="dpl: the caption's object nouns, comma-separated (each occurrence is one object)")
+    parser.add_argument("--masks", nargs="+", metavar="NOUN=FILE",
+                        help="dpl: a mask image per noun (white: the object), at the model's size; default: found by clustering")
 
 
 def _words(text: str | None) -> list[str]:
@@ -132,10 +135,28 @@ def cmd_edit(args: argparse.Namespace) -> None:
                 print(path)
 
 
+def _masks(items: list[str] | None) -> dict | None:
+    """{noun: boolean array} from NOUN=FILE items (white where the object is)."""
+    if not items:
+        return None
+    import numpy as np
+
+    from pipelines.images import read_image
+
+    masks = {}
+    for item in items:
+        noun, _, path = item.partition("=")
+        if not noun.strip() or not path:
+            raise ValueError(f"--masks {bounded(item)!r}: write NOUN=FILE, e.g. circle=circle-mask.png")
+        masks[noun.strip()] = np.asarray(read_image(path).convert("L")) > 127
+    return masks
+
+
 def _invert(pipe, args: argparse.Namespace, caption: str):
     from pipelines.inversion import invert
 
-    inversion = invert(pipe, args.image, caption, method=args.inversion, steps=args.steps, guidance=args.guidance, cache_dir=args.cache)
+    inversion = invert(pipe, args.image, caption, method=args.inversion, steps=args.steps, guidance=args.guidance, cache_dir=args.cache,
+                       nouns=_words(args.nouns), masks=_masks(args.masks))
     took = f"{inversion.seconds:.1f} s" if inversion.seconds else "from the cache"
     print(f"inverted {args.image} with {args.inversion} ({took})", file=sys.stderr)
     return inversion
