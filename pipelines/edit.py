@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DiffusionPipeline
@@ -187,6 +187,8 @@ def prompt_to_prompt(
     with attach(pipe, controller) as state, ddim_sampling(pipe) if inversion is not None else nullcontext():
         made = pipe(None if "prompt_embeds" in call_options else prompts, num_inference_steps=steps, guidance_scale=guidance,
                     num_images_per_prompt=images, output_type=output_type, **call_options).images
+    if "prompt_embeds" in call_options:  # dpl's learnt embeddings: the pipeline saw no text, but the maps are the prompts' words
+        state.layout = replace(state.layout, prompts=tuple(prompts))
     return EditResult(list(made), prompts, edits, Trace(pipe, store, state) if store is not None else None)
 
 

@@ -156,3 +156,12 @@ def test_the_command_line_and_jobs_name_missing_nouns_and_bad_masks(pipe, tmp_pa
     job = Job(1, "edit", {"image": str(photo), "source": scene.caption, "target": scene.caption, "inversion": "dpl", "nouns": ["dog"]})
     summary = run_batch(pipe, [job], tmp_path / "batch", "embedded", progress=False)
     assert "'dog' is not a word of the caption" in summary.invalid[0].reason
+
+
+def test_edit_maps_name_the_prompts_words(pipe):
+    scene = two_object_scene()
+    nouns = [t.shape for t in scene.layout.things]
+    inversion = invert(pipe, scene.image, scene.caption, method="dpl-direct", steps=3, nouns=nouns, dpl=DPLSettings(inner_steps=1),
+                       cache_dir=None)
+    result = prompt_to_prompt(pipe, [scene.caption, scene.caption], steps=3, inversion=inversion, maps=True)
+    assert nouns[0] in result.maps.word_maps(image=0)
