@@ -78,13 +78,25 @@ class DPLSettings:
 
 @dataclass(frozen=True)
 class Nouns:
-    """The caption's object nouns: each occurrence's word and tokens (one object each), and all their tokens in order."""
+    """The caption's object nouns: each occurrence's noun and tokens (one object each)."""
 
-    words: tuple[str, ...]
+    nouns: tuple[str, ...]
     tokens: tuple[tuple[int, ...], ...]
 
     @property
+    def words(self) -> tuple[str, ...]:
+        """Each object's name: its noun, numbered (circle#1, circle#2) where the noun occurs more than once."""
+        count = {n: self.nouns.count(n) for n in self.nouns}
+        seen: dict[str, int] = {}
+        names = []
+        for noun in self.nouns:
+            seen[noun] = seen.get(noun, 0) + 1
+            names.append(noun if count[noun] == 1 else f"{noun}#{seen[noun]}")
+        return tuple(names)
+
+    @property
     def positions(self) -> list[int]:
+        """All the objects' tokens, in order."""
         return [t for group in self.tokens for t in group]
 
 
@@ -93,16 +105,15 @@ def find_nouns(pipe: DiffusionPipeline, caption: str, nouns: Sequence[str]) -> N
     if not nouns:
         raise ValueError("dpl learns the caption's object nouns: name them, e.g. nouns=['circle', 'square'] (--nouns circle,square)")
     words = [w for w in prompt_words(pipeline_tokenizer(pipe), caption) if w.tokens]
-    found_words, found_tokens = [], []
+    found_nouns, found_tokens = [], []
     for noun in dict.fromkeys(n.strip() for n in nouns):
         hits = [w for w in words if w.text.casefold() == noun.casefold()]
         if not hits:
             raise ValueError(f"{noun!r} is not a word of the caption {caption!r}; its words are {', '.join(w.text for w in words)}: "
                              "name the nouns of the caption's objects")
-        for k, word in enumerate(hits):
-            found_words.append(noun if len(hits) == 1 else f"{noun}#{k + 1}")
-            found_tokens.append(word.tokens)
-    return Nouns(tuple(found_words), tuple(found_tokens))
+        found_nouns += [noun] * len(hits)
+        found_tokens += [word.tokens for word in hits]
+    return Nouns(tuple(found_nouns), tuple(found_tokens))
 
 
 def map_side(pipe: DiffusionPipeline, latent: tuple[int, int], settings: DPLSettings) -> int:
@@ -153,7 +164,7 @@ def check_supported(pipe: DiffusionPipeline) -> None:
 
 def user_background(masks: Mapping[str, np.ndarray | torch.Tensor], nouns: Sequence[str], size: tuple[int, int], side: int) -> torch.Tensor:
     """The background (side, side) as floats: where none of the user's per-noun masks (at the model's image size) is."""
-    named = {n.split("#")[0] for n in nouns}
+    named = set(nouns)
     if set(masks) != named:
         raise ValueError(f"give one mask per noun: masks for {sorted(masks)} but the nouns are {sorted(named)}")
     union = torch.zeros(size, dtype=torch.bool)
@@ -178,8 +189,8 @@ def clustered_background(store: AttentionStore, nouns: Nouns, side: int, setting
     self_side = min([s for s in self_sides if s > side] or self_sides)
     total = sum(s / c for _, s, c in store.select("self", resolutions=[self_side]))
     cross = sum(s / c for _, s, c in store.select("cross", resolutions=[side]))[0]
-    words = list(dict.fromkeys(w.split("#")[0] for w in nouns.words))
-    tokens = {w: [t for name, group in zip(nouns.words, nouns.tokens) if name.split("#")[0] == w for t in group] for w in words}
+    words = list(dict.fromkeys(nouns.nouns))
+    tokens = {w: [t for noun, group in zip(nouns.nouns, nouns.tokens) if noun == w for t in group] for w in words}
     maps = torch.stack([cross[:, tokens[w]].mean(-1) for w in words]).reshape(len(words), side, side)
     found = regions(total[0], maps, words, settings.clusters, settings.label_threshold)
     missing = [w for w in words if w not in found]

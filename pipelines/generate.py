@@ -72,7 +72,7 @@ def finite_images(images) -> list[Image.Image]:
     if not np.isfinite(array).all():
         raise ValueError("the model produced non-finite pixels (NaN or inf); nothing was saved. In float16 try float32, "
                          "or a lower --guidance")
-    return [Image.fromarray(image) for image in (array * 255).round().astype(np.uint8)]
+    return DiffusionPipeline.numpy_to_pil(array)
 
 
 def check_size(pipe: DiffusionPipeline, size: int | None) -> int:

@@ -21,7 +21,6 @@ encoded image, ..., z*_T). They differ in how guided sampling is kept on that tr
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import time
@@ -41,7 +40,7 @@ from pipelines.dpl import (DPLSettings, Nouns, check_supported, clustered_backgr
                           initial_vectors, inversion_store, learn_step, map_capture, map_side, user_background)
 from pipelines.generate import check_sampling, image_size
 from pipelines.images import image_to_latent, prepare_image
-from pipelines.inversion_cache import DEFAULT_CACHE, InversionCache, inversion_key, model_fingerprint
+from pipelines.inversion_cache import DEFAULT_CACHE, InversionCache, arrays_digest, inversion_key, model_fingerprint
 from xattn.align import refine_mapper
 from xattn.attach import attach
 from xattn.denoiser import has_ip_adapter
@@ -247,17 +246,6 @@ def optimise_nulls(
     return torch.stack(nulls)
 
 
-def _masks_digest(masks: Mapping[str, np.ndarray | torch.Tensor] | None) -> str | None:
-    if masks is None:
-        return None
-    digest = hashlib.sha256()
-    for noun in sorted(masks):
-        mask = np.asarray(masks[noun], dtype=bool)
-        digest.update(f"{noun}:{mask.shape}".encode())
-        digest.update(mask.tobytes())
-    return digest.hexdigest()
-
-
 def invert(
     pipe: DiffusionPipeline,
     image: str | Path | Image.Image | np.ndarray,
@@ -297,7 +285,7 @@ def invert(
         check_supported(pipe)
         found = find_nouns(pipe, caption, nouns)
         side = map_side(pipe, (size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor), dpl)
-        background = user_background(masks, found.words, size, side) if masks is not None else None
+        background = user_background(masks, found.nouns, size, side) if masks is not None else None
     elif nouns or masks is not None:
         raise ValueError(f"nouns and masks are dpl's; {method} takes neither")
     prepared = prepare_image(image, size)
@@ -307,7 +295,8 @@ def invert(
     if method in ("null-text", "dpl"):
         settings |= {"guidance": guidance, "negative_prompt": negative_prompt, **asdict(null_text)}
     if learning:
-        settings |= {"nouns": list(found.words), "masks": _masks_digest(masks), **asdict(dpl)}
+        drawn = None if masks is None else arrays_digest({noun: np.asarray(mask, dtype=bool) for noun, mask in masks.items()})
+        settings |= {"nouns": list(found.words), "masks": drawn, **asdict(dpl)}
     cache = InversionCache(cache_dir) if cache_dir is not None else None
     key = inversion_key(prepared.image, caption, model_fingerprint(pipe), settings) if cache else None
     stored = cache.load(key) if cache else None

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,17 @@ def model_fingerprint(pipe: DiffusionPipeline) -> str:
             total = torch.sum(flat, dtype=torch.float64).item() if flat.is_floating_point() else int(flat.sum())
             digest.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}:{total!r}".encode())
             digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """A SHA-256 of named arrays (name, shape, dtype and bytes, in name order): what a run started from, for a cache key
+    or a checkpoint to compare."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.shape}:{array.dtype}".encode())
+        digest.update(array.tobytes())
     return digest.hexdigest()
 
 

@@ -30,7 +30,6 @@ runs under accelerate (device, mixed precision, several GPUs), writes an atomic 
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import pickle
@@ -53,7 +52,7 @@ from pipelines.ddim import ddim_from, ddim_levels, ddim_sample
 from pipelines.erasure import save_erasure
 from pipelines.generate import MAX_SEED, image_size, slug
 from pipelines.images import image_to_latent, prepare_image, read_image
-from pipelines.inversion_cache import model_fingerprint
+from pipelines.inversion_cache import arrays_digest, model_fingerprint
 from pipelines.saliency import masked_step, saliency_masks
 from pipelines.uce import replace_word, uce_edit
 from xattn.attach import attach
@@ -447,12 +446,8 @@ def _load_checkpoint(path: Path) -> dict:
 
 def _origin(pipe: DiffusionPipeline, images: list[ImageSource] | None) -> dict[str, str]:
     """What a run starts from besides its settings: the base weights and the user's images (their pixels)."""
-    digest = hashlib.sha256()
-    for image in images or []:
-        pixels = np.asarray(read_image(image).convert("RGB"))
-        digest.update(f"{pixels.shape}".encode())
-        digest.update(pixels.tobytes())
-    return {"base": model_fingerprint(pipe), "images": digest.hexdigest() if images else "the model's own"}
+    pixels = {f"{i:06d}": np.asarray(read_image(image).convert("RGB")) for i, image in enumerate(images or [])}
+    return {"base": model_fingerprint(pipe), "images": arrays_digest(pixels) if images else "the model's own"}
 
 
 def _check_resumable(state: dict, settings: UnlearnSettings, origin: dict[str, str], path: Path) -> None:

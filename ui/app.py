@@ -71,18 +71,14 @@ def read_payload(payload) -> Image.Image | None:
     before decoding, pixels before unpacking (`pipelines.images.read_image`), and a refusal is the app's own message."""
     if payload is None:
         return None
-    if payload.url and payload.url.startswith("data:"):
-        encoded = payload.url.partition(",")[2]
-        if len(encoded) * 3 // 4 > UPLOAD_BYTES:
-            raise gr.Error(f"the image is over the app's {UPLOAD_LIMIT} limit; send a smaller file", print_exception=False)
-        try:
-            source = base64.b64decode(encoded, validate=True)
-        except binascii.Error:
-            raise gr.Error("the image's data: URL is not valid base64", print_exception=False) from None
-    else:
-        source = Path(payload.path)
-        if source.stat().st_size > UPLOAD_BYTES:
-            raise gr.Error(f"the image is over the app's {UPLOAD_LIMIT} limit; send a smaller file", print_exception=False)
+    inline = bool(payload.url and payload.url.startswith("data:"))
+    encoded = payload.url.partition(",")[2] if inline else ""
+    if (len(encoded) * 3 // 4 if inline else Path(payload.path).stat().st_size) > UPLOAD_BYTES:
+        raise gr.Error(f"the image is over the app's {UPLOAD_LIMIT} limit; send a smaller file", print_exception=False)
+    try:
+        source = base64.b64decode(encoded, validate=True) if inline else Path(payload.path)
+    except binascii.Error:
+        raise gr.Error("the image's data: URL is not valid base64", print_exception=False) from None
     try:
         return ImageOps.exif_transpose(read_image(source))
     except ValueError as error:
