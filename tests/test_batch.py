@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.hostile_input import alias_bomb_words, png_header
 from pipelines.batch import MANIFEST, RECORD, run_batch
 from pipelines.erasure import save_erasure
 from pipelines.inversion_cache import model_fingerprint
@@ -192,10 +193,7 @@ def test_ids_and_yaml_aliases_that_cannot_be_jobs_are_named(tmp_path):
         "line 6: 'guidance' must be a finite number; got inf",
     ]
     bomb = tmp_path / "bomb.yaml"
-    levels = ["a: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']"]
-    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
-    bomb.write_text("- kind: generate\n  prompt: a red circle\n- kind: maps\n  prompt: a red circle\n  words:\n"
-                    + "".join(f"    - {{{level}}}\n" for level in levels))
+    bomb.write_text("- kind: generate\n  prompt: a red circle\n- kind: maps\n  prompt: a red circle\n" + alias_bomb_words())
     began = time.perf_counter()
     listed = read_jobs(bomb)
     assert time.perf_counter() - began < 5
@@ -205,8 +203,6 @@ def test_ids_and_yaml_aliases_that_cannot_be_jobs_are_named(tmp_path):
 
 
 def test_a_bad_job_fails_alone_and_leaves_the_next_as_a_clean_run_draws_it(pipe, tmp_path):
-    from tests.test_inversion import png_header
-
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header(100_000, 100_000))
     half = tmp_path / "half.safetensors"

@@ -1,9 +1,6 @@
 """Real-image inversion: the DDIM step and its inverse against the scheduler, each method's defining
 property on real pipelines, editing an inverted image, the content-keyed cache, and image input."""
 
-import struct
-import zlib
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +11,7 @@ from editors import LocalBlend, Refine, Reweight, Swap
 from pipelines.ddim import ddim_coefficients, ddim_levels
 from pipelines.edit import prompt_to_prompt
 from pipelines.images import image_to_latent, latent_to_image, prepare_image, psnr
+from benchmarks.hostile_input import png_header
 from pipelines.dpl import DPLSettings
 from pipelines.inversion import METHODS, NullTextSettings, invert, reconstruct
 from pipelines.loading import load_pipeline
@@ -172,14 +170,6 @@ def test_a_damaged_cache_entry_is_rebuilt(shapes_pipe, tmp_path, damage):
     again = invert(shapes_pipe, SCENE.image, SCENE.caption, steps=3, cache_dir=tmp_path)
     assert again.seconds > 0 and torch.equal(first.latents, again.latents)
     assert invert(shapes_pipe, SCENE.image, SCENE.caption, steps=3, cache_dir=tmp_path).seconds == 0
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims (width, height) and holds no pixel data: what a decompression bomb shows before it unpacks."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("side", [8_000, 100_000])

@@ -123,7 +123,7 @@ def data_url(raw: bytes) -> dict:
 
 
 def test_inline_images_hold_the_upload_limit_in_bytes_and_pixels(served):
-    from tests.test_inversion import png_header
+    from benchmarks.hostile_input import png_header
 
     rest = ["a red circle", "direct", "", "a red square", "auto", "", "0.8", "0.4", 3, 5.0] + [1.0] * 12
     noise = io.BytesIO()
