@@ -1,9 +1,11 @@
 """Leakage of real-image edits: does editing one object's word change the others? Per inversion method, on the
 embedded model.
 
-    python -m benchmarks.dpl_leakage [--images 100] [--methods ddim,null-text,direct,dpl,dpl-direct] [--out ...json]
+    python -m benchmarks.dpl_leakage [--images 100] [--methods ddim,null-text,direct,dpl,dpl-direct] [--same-shape]
+        [--dpl-learning-rate 1e-4] [--dpl-inner-steps 21] [--out ...json]
 
-"Real" images are rendered scenes of two and three objects at seeds the model never trained on (7,000,000 on), each
+"Real" images are rendered scenes of two and three objects at seeds the model never trained on (7,000,000 on; with
+--same-shape, every object takes the first one's shape: one word, several objects, DPL's case), each
 inverted under its own caption (25 DDIM steps, guidance 5; dpl learns every object's shape word). Each is edited twice
 by a Prompt-to-Prompt word swap of its first object (cross injection 0.8, self 0.4, no blending, which would hide
 leakage): its shape, and separately its colour (to one the scene does not use). Per method and edit:
@@ -31,19 +33,24 @@ from pipelines.dpl import DPLSettings
 from pipelines.edit import prompt_to_prompt
 from pipelines.inversion import invert
 from pipelines.loading import load_pipeline
-from shapes import match_caption
+from shapes import match_caption, read_objects
 from shapes.scenes import COLOURS, caption_of, make_scene, swap_first_shape
 
 FIRST_SEED = 7_000_000
 METHODS = ("ddim", "null-text", "direct", "dpl", "dpl-direct")
 
 
-def scenes(count: int) -> list:
-    """The first `count` scenes of two or three objects from FIRST_SEED on."""
+def scenes(count: int, same_shape: bool = False) -> list:
+    """The first `count` scenes of two or three objects from FIRST_SEED on; with `same_shape`, every object of a scene
+    takes its first object's shape (where one word names several objects: DPL's case)."""
     found, seed = [], FIRST_SEED
     while len(found) < count:
         scene = make_scene(seed)
         if len(scene.objects) in (2, 3):
+            if same_shape:
+                shape = scene.layout.things[0].shape
+                layout = replace(scene.layout, things=tuple(replace(t, shape=shape) for t in scene.layout.things))
+                scene = make_scene(seed, layout)
             found.append(scene)
         seed += 1
     return found
@@ -60,9 +67,9 @@ def measure(pipe, scene, inversion, layout) -> tuple[bool, bool, float]:
     """(target exact, another object changed, background PSNR) of the swap into `layout`."""
     target = caption_of(layout)
     edited = np.asarray(prompt_to_prompt(pipe, [scene.caption, target], Swap(), inversion=inversion).images[1])
-    others = scene.objects[1:]
-    kept = [find_object(edited, (o.colour, o.shape)) for o in others]
-    leaked = any(k is None or _box_iou(k.box, o.box) < 0.7 for k, o in zip(kept, others))
+    read = read_objects(edited)
+    leaked = not all(any((r.colour, r.shape) == (o.colour, o.shape) and _box_iou(r.box, o.box) >= 0.7 for r in read)
+                     for o in scene.objects[1:])
     new = layout.things[0]
     drawn = find_object(edited, (new.colour, new.shape))
     masks = [o.mask for o in scene.objects] + ([drawn.mask] if drawn is not None else [])
@@ -92,21 +99,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--dpl-inner-steps", type=int, default=DPLSettings.inner_steps, help="dpl's updates per step at most")
+    parser.add_argument("--dpl-learning-rate", type=float, default=DPLSettings.learning_rate)
+    parser.add_argument("--same-shape", action="store_true", help="every object of a scene has its first object's shape")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dpl_leakage.json"))
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
-    images = scenes(args.images)
-    results = {"images": len(images), "three_objects": sum(len(s.objects) == 3 for s in images), "dpl_inner_steps": args.dpl_inner_steps,
+    images = scenes(args.images, args.same_shape)
+    results = {"images": len(images), "three_objects": sum(len(s.objects) == 3 for s in images), "same_shape": args.same_shape,
+               "dpl_inner_steps": args.dpl_inner_steps, "dpl_learning_rate": args.dpl_learning_rate,
                "started": time.strftime("%Y-%m-%d %H:%M")}
     if args.out.exists():  # an interrupted run of the same images resumes: the methods it measured are kept
         earlier = json.loads(args.out.read_text())
-        if all(earlier.get(k) == results[k] for k in ("images", "three_objects", "dpl_inner_steps")):
+        if all(earlier.get(k) == results[k] for k in ("images", "three_objects", "same_shape", "dpl_inner_steps", "dpl_learning_rate")):
             results = earlier
     for method in args.methods.split(","):
         if method not in results:
-            results[method] = run_method(pipe, method, images, DPLSettings(inner_steps=args.dpl_inner_steps))
+            results[method] = run_method(pipe, method, images, DPLSettings(inner_steps=args.dpl_inner_steps,
+                                                                            learning_rate=args.dpl_learning_rate))
             write_json(args.out, results)
     if "null-text" in results:
         for method in args.methods.split(","):

@@ -19,17 +19,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from benchmarks.harness import _status_kib
 from pipelines.erasure import apply_erasure
+from pipelines.erasure_check import judge_prompts
 from pipelines.loading import load_pipeline
-from shapes.judge import match_caption, read_objects
-from shapes.scenes import COLOURS, SHAPES
+from shapes.scenes import COLOURS, SHAPES, erasure_prompts
 
 ERASE = {"circle": "square", "red": "blue"}
 # Each row: a method with its defaults, or a named variant with other settings.
-VARIANTS = {"salun-kv": ("salun", {"group": "esd-x-strict", "lr": 3e-3, "retain_weight": 1.0})}
 METHODS = ("uce", "esd-x", "esd-u", "fmn", "salun", "salun-kv")
 COLOUR_NAMES = list(COLOURS)
 
@@ -53,28 +51,9 @@ def prompt_sets(concept: str, count: int, objects: int = 1) -> tuple[list[str], 
     return named, rest
 
 
-def training_prompts(concept: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(contexts that name the concept, prompts to preserve): the world's one-object captions, and the bare word."""
-    if concept in SHAPES:
-        contexts = [f"a {c} {concept}" for c in COLOUR_NAMES] + [f"a {concept}"]
-        preserve = [f"a {c} {s}" for c in COLOUR_NAMES for s in SHAPES if s != concept] + [f"a {s}" for s in SHAPES if s != concept]
-    else:
-        contexts = [f"a {concept} {s}" for s in SHAPES] + [f"a {concept}"]
-        preserve = [f"a {c} {s}" for c in COLOUR_NAMES if c != concept for s in SHAPES] + [f"a {c}" for c in COLOUR_NAMES if c != concept]
-    return tuple(contexts), tuple(preserve)
-
-
-def judge(pipe, concept: str, prompts: list[str], batch: int = 50) -> dict:
-    appear = exact = 0
-    for begin in range(0, len(prompts), batch):
-        chunk = prompts[begin : begin + batch]
-        generators = [torch.Generator().manual_seed(begin + i) for i in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=25, guidance_scale=5.0, generator=generators, output_type="np").images
-        for prompt, image in zip(chunk, images):
-            pixels = np.rint(image * 255)
-            appear += any(o.shape == concept or o.colour == concept for o in read_objects(pixels))
-            exact += match_caption(pixels, prompt).exact
-    return {"appears": appear / len(prompts), "exact": exact / len(prompts)}
+def judge(pipe, concept: str, prompts: list[str]) -> dict:
+    judged = judge_prompts(pipe, concept, prompts)
+    return {"appears": float(np.mean(judged.shows)), "exact": float(np.mean(judged.exact))}
 
 
 def one(method: str, concept: str, seeds: int, objects: int = 1) -> dict:
@@ -86,10 +65,9 @@ def one(method: str, concept: str, seeds: int, objects: int = 1) -> dict:
     named, rest = prompt_sets(concept, seeds, objects)
     result = {"method": method, "concept": concept, "objects": objects}
     if method != "none":
-        contexts, preserve = training_prompts(concept)
-        base, changes = VARIANTS.get(method, (method, {}))
-        kept = preserve if base in ("uce", "salun") else ()  # the others keep nothing by design
-        settings = UnlearnSettings(method=base, concept=concept, guide=ERASE[concept], contexts=contexts, preserve=kept, **changes)
+        contexts, preserve = erasure_prompts(concept)
+        kept = preserve if method in ("uce", "salun", "salun-kv") else ()  # the others keep nothing by design
+        settings = UnlearnSettings(method=method, concept=concept, guide=ERASE[concept], contexts=contexts, preserve=kept)
         resident = _status_kib("VmRSS")
         began = time.perf_counter()
         erased = unlearn(pipe, settings, progress=False)

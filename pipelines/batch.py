@@ -44,7 +44,7 @@ from pipelines.jobs import Job, Problem
 from pipelines.maps import generate_with_maps, write_maps
 from pipelines.messages import bounded
 from pipelines.unlearn import METHODS as ERASERS
-from pipelines.unlearn import UnlearnSettings, template_prompts, unlearn
+from pipelines.unlearn import UnlearnSettings, template_prompts, unlearn, with_defaults
 from xattn.heatmap import grid
 from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens
 
@@ -191,7 +191,7 @@ def _erase_then_generate(pipe, job: Job, folder: Path, model: str) -> dict:
     kept = template_prompts(p.get("preserve", []))
     settings = UnlearnSettings(method=p.get("method", "uce"), concept=p["concept"], guide=p.get("guide", ""), preserve=kept,
                                steps=p.get("train_steps", 0), seed=p.get("seed", 0))
-    erased = unlearn(pipe, settings, progress=False)
+    erased = unlearn(pipe, with_defaults(settings, model), progress=False)
     seed = p.get("seed", 0)
     before = [generate(pipe, GenerationSettings(prompt, seed=seed))[0] for prompt in p["prompts"]]
     with apply_erasure(pipe, erased.tensors):

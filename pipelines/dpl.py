@@ -15,9 +15,9 @@ stopping once each loss is under its threshold beta * exp(-i / alpha) (i counted
 The background is where no noun is: from the user's masks, or from k-means on the inversion pass's self-attention,
 each cluster named by the noun whose cross-attention fills it (`xattn.clustering`).
 
-Deviations from the authors' code, each measured in RESULTS.md: the null-text step is ours (warm-started, early
-stop) or, with "dpl-direct", our direct correction instead; every occurrence of a noun is its own object, as the
-authors' placeholder tokens are.
+Deviations from the authors' code, each measured in RESULTS.md: the learning rate (see DPLSettings); the null-text
+step is ours (warm-started, early stop) or, with "dpl-direct", our direct correction instead; every occurrence of a
+noun is its own object, as the authors' placeholder tokens are.
 """
 
 from __future__ import annotations
@@ -49,9 +49,12 @@ PAPER_STEPS = 50  # the thresholds' step counts are the paper's, on 50 DDIM step
 
 @dataclass(frozen=True)
 class DPLSettings:
-    """The paper's weights, thresholds (beta * exp(-i / alpha)) and optimiser (supplementary D; the authors' DPL.sh).
-    inner_steps: at most this many updates per step. resolution: the maps' side (default: the UNet's layout level,
-    the paper's 16x16 on SD 1.x at 512 px). clusters, label_threshold: the background masks' k-means and naming."""
+    """The paper's weights, thresholds (beta * exp(-i / alpha)) and updates per step (supplementary D; the authors'
+    DPL.sh). learning_rate is 1e-4, not the paper's 1e-3: on the embedded model the attention-balancing loss never
+    gets under its threshold, every step makes all its updates, and at 1e-3 the nouns' 64-wide vectors drift to twice
+    their own norm, so edits that read them lose exactness and leak more than null-text (RESULTS.md, issue 28);
+    `DPLSettings(learning_rate=1e-3)` is the paper's. inner_steps: at most this many updates per step. resolution:
+    the maps' side (default: the UNet's layout level, the paper's 16x16 on SD 1.x at 512 px). clusters, label_threshold: the background masks' k-means and naming."""
 
     attention_weight: float = 1.0
     attention_alpha: float = 25.0
@@ -63,7 +66,7 @@ class DPLSettings:
     background_alpha: float = 50.0
     background_beta: float = 0.7
     inner_steps: int = 21
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     resolution: int | None = None
     clusters: int = 5
     label_threshold: float = 0.2

@@ -13,10 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, PngImagePlugin
 
-MAX_SEED = 2**63 - 1
-MAX_GUIDANCE = 100.0
-MAX_NUM = 1000
-LARGEST_SIDE = 4  # times the model's native side: larger sizes only repeat the picture and exhaust memory
+from pipelines.limits import LARGEST_SIDE, MAX_GUIDANCE, MAX_NUM, MAX_SEED
 
 
 @dataclass(frozen=True)

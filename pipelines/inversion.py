@@ -184,7 +184,7 @@ def ddim_invert(pipe: DiffusionPipeline, latent: torch.Tensor, text: TextConditi
     """(steps + 1, C, h, w): `latent` walked up the noise levels, the model evaluated at each target level on the current latent."""
     path = [latent]
     with torch.no_grad():
-        for level in reversed(levels):
+        for level in pipe.progress_bar(list(reversed(levels))):
             c_x, c_out = ddim_coefficients(level.alpha, level.alpha_next, prediction)
             out = unet_output(pipe, path[-1], level.timestep, text)
             path.append((path[-1] - c_out * out) / c_x)
@@ -240,7 +240,7 @@ def optimise_nulls(
     """(steps, T, D) unconditional embeddings, each warm-started from the previous step's, that put guided DDIM on the trajectory."""
     steps = len(levels)
     null, x, nulls = uncond.embeds.detach().float(), latents[-1:], []
-    for i, level in enumerate(levels):
+    for i, level in enumerate(pipe.progress_bar(levels)):
         null, x = null_step(pipe, x, latents[steps - 1 - i : steps - i], level, prediction, cond, uncond, null, guidance, settings, i)
         nulls.append(null[0])
     return torch.stack(nulls)
@@ -352,7 +352,7 @@ def _learn_tokens(
     vectors = initial_vectors(pipe, caption, nouns.positions)
     x, null = latents[-1:], uncond.embeds.detach().float()
     learnt, nulls = [], []
-    for i, level in enumerate(levels):
+    for i, level in enumerate(pipe.progress_bar(levels)):
         with map_capture(pipe, side) as capture:
             vectors, _ = learn_step(pipe, capture, x, level, caption, nouns, vectors, background, settings, settings.thresholds(i, steps))
         learnt.append(vectors)

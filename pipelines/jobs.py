@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.generate import MAX_SEED
+from pipelines.limits import MAX_SEED
 from pipelines.messages import bounded
 
 # kind -> {parameter: (types, required)}

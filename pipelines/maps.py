@@ -26,7 +26,8 @@ def generate_with_maps(pipe: DiffusionPipeline, settings: GenerationSettings, wo
 
 
 def write_maps(out: Path, image: Image.Image, maps: dict[str, np.ndarray], metadata: dict[str, str]) -> list[Path]:
-    """image.png, one overlay per word (NN-word.png), grid.png and maps.npz (word -> float32 array)."""
+    """image.png, one overlay per word (NN-word.png), grid.png and maps.npz (word -> float32 array). Overlays an earlier
+    run left in `out` (NN-*.png of other words) are removed, so the folder shows this run's words only."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [save_png(image, out / "image.png", metadata)]
     overlays = []
@@ -40,4 +41,6 @@ def write_maps(out: Path, image: Image.Image, maps: dict[str, np.ndarray], metad
     with open(tmp, "wb") as handle:
         np.savez(handle, **{word: heat.astype(np.float32) for word, heat in maps.items()})
     os.replace(tmp, out / "maps.npz")
+    for stale in set(out.glob("[0-9][0-9]-*.png")) - set(paths):
+        stale.unlink()
     return [*paths, out / "maps.npz"]

@@ -50,20 +50,23 @@ from tqdm.auto import tqdm
 from pipelines.conditioning import TextConditioning, encode_text, unet_output
 from pipelines.ddim import ddim_from, ddim_levels, ddim_sample
 from pipelines.erasure import save_erasure
-from pipelines.generate import MAX_SEED, image_size, slug
+from pipelines.generate import image_size, slug
+from pipelines.limits import MAX_SEED
 from pipelines.images import image_to_latent, prepare_image, read_image
 from pipelines.inversion_cache import arrays_digest, model_fingerprint
+from pipelines.loading import EMBEDDED
 from pipelines.saliency import masked_step, saliency_masks
 from pipelines.uce import replace_word, uce_edit
+from shapes import erasure_prompts
 from xattn.attach import attach
 from xattn.denoiser import base_parameters, denoiser, has_ip_adapter
 from xattn.resteer import ConceptAttention
 from xattn.tokens import WORD, pipeline_tokenizers, pipeline_word_tokens
 
-METHODS = ("esd-x", "esd-x-strict", "esd-u", "fmn", "salun", "uce")
+METHODS = ("esd-x", "esd-x-strict", "esd-u", "fmn", "salun", "salun-kv", "uce")
 GROUPS = ("esd-x", "esd-x-strict", "esd-u", "full")
 TEMPLATES = ("{}", "a {}", "a photo of a {}", "an image of a {}", "a picture of a {}")
-CHECKPOINT = "checkpoint.pt"
+EVERYDAY = ("person", "man", "woman", "dog", "cat", "car", "house", "tree", "flower", "bird", "chair", "table")
 MAX_STEPS = 100_000
 ImageSource = str | Path | Image.Image
 
@@ -77,6 +80,9 @@ _DEFAULTS = {
     "salun": ("full", 100, 1e-4),
     "uce": ("esd-x-strict", 0, 0.0),
 }
+# Methods that are another's settings: SalUn on cross-attention keys and values with a stronger retain loss, which
+# erases a colour into another where whole-UNet SalUn blanks the canvas (RESULTS.md, issue 7).
+VARIANTS = {"salun-kv": ("salun", {"group": "esd-x-strict", "lr": 3e-3, "retain_weight": 1.0})}
 
 
 def parameter_group(unet: torch.nn.Module, group: str) -> dict[str, torch.nn.Parameter]:
@@ -163,9 +169,39 @@ class UnlearnSettings:
             raise ValueError(f"--lr must be a finite number, 0 (the method's default) or more; got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED // 2:
             raise ValueError(f"--seed must be between 0 and {MAX_SEED // 2}; got {self.seed}")
-        group, steps, lr = _DEFAULTS[self.method]
+        method, preset = VARIANTS.get(self.method, (self.method, {}))
+        defaults = {f.name: f.default for f in fields(self)}
+        chosen = {k: v for k, v in preset.items() if getattr(self, k) == defaults[k]}
+        group, steps, lr = _DEFAULTS[method]
+        chosen = {"group": group, "lr": lr} | chosen
         contexts = self.contexts or template_prompts([self.concept])
-        return replace(self, group=self.group or group, steps=self.steps or steps, lr=self.lr or lr, contexts=contexts)
+        return replace(self, method=method, group=self.group or chosen["group"], steps=self.steps or steps, lr=self.lr or chosen["lr"],
+                       retain_weight=chosen.get("retain_weight", self.retain_weight), contexts=contexts)
+
+
+def with_defaults(settings: UnlearnSettings, model: str) -> UnlearnSettings:
+    """The settings with what a user left out filled in so that the concept goes and the rest stays.
+
+    On the embedded model (`model` is its label), contexts and preserved prompts default to the world's captions that
+    name the concept and those that do not (`shapes.erasure_prompts`): templates such as "a photo of a circle" miss
+    the "a red circle" users type, and UCE or SalUn with nothing preserved wipes every prompt. Elsewhere the preserved
+    prompts default to UCE's templates around everyday concepts (`EVERYDAY`). Only UCE and SalUn take preserved prompts.
+    ESD without a guide steers toward the empty prompt's prediction, which does not erase on the embedded model
+    (RESULTS.md): there it asks for a guide.
+    """
+    contexts, preserve = erasure_prompts(settings.concept) if model == EMBEDDED else ((), template_prompts(EVERYDAY))
+    if model == EMBEDDED and settings.method.startswith("esd") and not settings.guide:
+        raise ValueError(f"on the embedded model ESD needs --guide, what {settings.concept!r} turns into (e.g. --guide square): "
+                         "steering it toward the empty prompt leaves it drawn")
+    keeps = VARIANTS.get(settings.method, (settings.method,))[0] in ("uce", "salun")
+    concept = set(settings.concept.split())
+    preserve = tuple(p for p in preserve if not concept & set(p.split()))
+    return replace(settings, contexts=settings.contexts or contexts, preserve=settings.preserve or (preserve if keeps else ()))
+
+
+def erasure_name(settings: UnlearnSettings) -> str:
+    """erase-<concept>-<method>: the erasure file's name and its training checkpoint's, so erasures can share a folder."""
+    return f"erase-{slug(settings.concept)}-{settings.method}"
 
 
 @dataclass
@@ -484,9 +520,10 @@ def unlearn(
 ) -> Unlearned:
     """Erase `settings.concept` from a copy of `pipe.unet`; `pipe` itself is left as it was.
 
-    With `out`, training checkpoints to out/checkpoint.pt and a rerun resumes from it. `images`:
+    With `out`, training checkpoints to out/<erasure name>.checkpoint.pt and a rerun resumes from it. `images`:
     the user's pictures of the concept for FMN and SalUn (default: the base model's own).
     """
+    checkpoint = checkpoint_path(out, settings) if out is not None else None
     settings = settings.resolved()
     check_concept(pipe, settings.concept)
     _check_prompts(pipe, settings)
@@ -504,7 +541,6 @@ def unlearn(
         tensors = uce_edit(pipe, settings.concept, list(settings.contexts), list(settings.preserve), guide=settings.guide,
                            lam=settings.lam, preserve_scale=settings.preserve_scale)
         return Unlearned(tensors, {"settings": asdict(settings), "seconds": time.perf_counter() - began})
-    checkpoint = Path(out) / CHECKPOINT if out is not None else None
     saved, origin = None, _origin(pipe, images) if checkpoint is not None else {}
     if checkpoint is not None and checkpoint.exists():
         saved = _load_checkpoint(checkpoint)
@@ -538,6 +574,10 @@ def changed_tensors(base: dict[str, torch.Tensor], trained: dict[str, torch.Tens
     return changed
 
 
+def checkpoint_path(out: Path | str, settings: UnlearnSettings) -> Path:
+    return Path(out) / f"{erasure_name(settings)}.checkpoint.pt"
+
+
 def erase(
     pipe: DiffusionPipeline,
     settings: UnlearnSettings,
@@ -546,15 +586,15 @@ def erase(
     images: list[ImageSource] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Unlearn (resuming from out/checkpoint.pt when there is one) and write out/erase-<concept>-<method>.safetensors;
-    the checkpoint goes once the erasure file is safely written. `model` labels the base in the metadata."""
-    out = Path(out)
+    """Unlearn with the model's defaults (`with_defaults`), resuming from its checkpoint in `out` when there is one, and
+    write out/erase-<concept>-<method>.safetensors; the checkpoint goes once the erasure file is safely written. `model`
+    labels the base in the metadata."""
+    settings = with_defaults(settings, model)
     result = unlearn(pipe, settings, out=out, images=images, progress=progress)
-    resolved = settings.resolved()
-    path = out / f"erase-{slug(resolved.concept)}-{resolved.method}.safetensors"
+    path = Path(out) / f"{erasure_name(settings)}.safetensors"
     if not PartialState().is_main_process:
         return path
-    save_erasure(path, result.tensors, method=resolved.method, concept=resolved.concept, base=model_fingerprint(pipe),
+    save_erasure(path, result.tensors, method=settings.method, concept=settings.concept, base=model_fingerprint(pipe),
                  settings={**result.record, "model": model})
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    checkpoint_path(out, settings).unlink(missing_ok=True)
     return path

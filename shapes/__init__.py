@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from shapes.judge import JudgedObject, Verdict, match_caption, read_objects
-from shapes.scenes import BACKGROUND, COLOURS, SHAPES, Layout, Scene, Thing, caption_of, make_scene, parse_caption
+from shapes.scenes import BACKGROUND, COLOURS, SHAPES, Layout, Scene, Thing, caption_of, erasure_prompts, make_scene, parse_caption
 
 MODEL_PATH = Path(__file__).parent / "model"
 
@@ -18,6 +18,7 @@ __all__ = [
     "Thing",
     "Verdict",
     "caption_of",
+    "erasure_prompts",
     "match_caption",
     "make_scene",
     "parse_caption",

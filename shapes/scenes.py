@@ -95,6 +95,18 @@ def caption_of(layout: Layout) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def erasure_prompts(concept: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(contexts, preserve) for erasing `concept` (a colour, a shape, or "colour shape") from a model of this world:
+    the one-object captions that name it, and those that do not. Erasing from the captions users type, not from
+    templates ("a photo of a circle") the world never says, is what makes the erasure reach "a red circle"; bare words
+    ("a red") stay out, as they are what "a red circle" becomes when UCE drops the word with no guide."""
+    words = set(concept.split())
+    captions = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    named = tuple(c for c in captions if words <= set(c.split()[1:]))
+    kept = tuple(c for c in captions if not words & set(c.split()[1:]))
+    return named or (f"a {concept}",), kept
+
+
 _THING = r"(?:a|an) (\w+) (\w+)"
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"^{_THING} on the (left|right) and {_THING} on the (left|right)$"), "pair-places"),

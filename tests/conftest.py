@@ -11,3 +11,9 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     torch.set_num_threads(share)
     os.environ["OMP_NUM_THREADS"] = str(share)
+
+
+def pytest_collection_modifyitems(items):
+    """The README's run (about 10 minutes in one file) goes first, so that under `--dist loadfile` the other worker
+    takes the remaining files meanwhile instead of leaving it running alone at the end."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_readme.py")

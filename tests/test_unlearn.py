@@ -13,8 +13,8 @@ from pipelines.erasure import apply_erasure, load_erasure, read_metadata
 from pipelines.loading import load_pipeline
 from pipelines.uce import erase_pairs, read_weight, replace_word, uce_edit
 from pipelines.unlearn import (
-    CHECKPOINT,
     UnlearnSettings,
+    checkpoint_path,
     denoising_target,
     erase,
     esd_target,
@@ -22,6 +22,7 @@ from pipelines.unlearn import (
     noised,
     parameter_group,
     unlearn,
+    with_defaults,
 )
 from shapes.judge import read_objects
 from tests.architectures import ARCHITECTURES, SD15_SCHEDULER
@@ -110,16 +111,16 @@ def test_training_changes_a_copy_and_resumes_exactly_after_a_stop(pipe, tmp_path
     assert whole.tensors and set(whole.tensors) <= set(parameter_group(pipe.unet, "esd-x"))
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())  # the pipeline keeps its weights
     unlearn(pipe, small("fmn", steps=2), out=tmp_path / "cut", progress=False)  # as if killed after the step-2 checkpoint
-    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"] == 2
+    assert torch.load(checkpoint_path(tmp_path / "cut", small("fmn")), weights_only=True)["step"] == 2
     resumed = unlearn(pipe, small("fmn"), out=tmp_path / "cut", progress=False)
     assert whole.tensors.keys() == resumed.tensors.keys()
     assert all(torch.equal(whole.tensors[n], resumed.tensors[n]) for n in whole.tensors)
-    saved = (tmp_path / "cut" / CHECKPOINT).read_bytes()
+    saved = (checkpoint_path(tmp_path / "cut", small("fmn"))).read_bytes()
     with pytest.raises(ValueError, match=r"checkpoint of other settings \(lr: "):
         unlearn(pipe, small("fmn", lr=0.5), out=tmp_path / "cut", progress=False)
     with pytest.raises(ValueError, match=r"has trained 4 steps, past the 2 asked; ask for --steps 4 or more"):
         unlearn(pipe, small("fmn", steps=2), out=tmp_path / "cut", progress=False)
-    assert (tmp_path / "cut" / CHECKPOINT).read_bytes() == saved
+    assert (checkpoint_path(tmp_path / "cut", small("fmn"))).read_bytes() == saved
 
 
 class _Payload:
@@ -135,12 +136,12 @@ class _Payload:
 def test_a_checkpoint_naming_python_objects_is_refused_and_runs_nothing(pipe, tmp_path):
     marker = tmp_path / "code-ran"
     (tmp_path / "out").mkdir()
-    torch.save({"settings": _Payload(marker), "step": 0}, tmp_path / "out" / CHECKPOINT)
+    torch.save({"settings": _Payload(marker), "step": 0}, checkpoint_path(tmp_path / "out", small("fmn")))
     with pytest.raises(ValueError, match=r"not a checkpoint xattn can read safely: it names Python objects, which could run code; "
                                          r"it was not loaded. Delete it to start over, or write to another --out"):
         unlearn(pipe, small("fmn"), out=tmp_path / "out", progress=False)
     assert not marker.exists()
-    (tmp_path / "out" / CHECKPOINT).write_bytes(b"PK\x03\x04 cut short")
+    (checkpoint_path(tmp_path / "out", small("fmn"))).write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ValueError, match="not a checkpoint xattn can read safely: it is damaged or cut short"):
         unlearn(pipe, small("fmn"), out=tmp_path / "out", progress=False)
 
@@ -206,7 +207,7 @@ def test_salun_moves_only_the_salient_weights(pipe):
 
 def test_erase_writes_a_file_that_loads_and_drops_the_checkpoint(pipe, tmp_path):
     path = erase(pipe, small("esd-x", steps=2), tmp_path, model="embedded")
-    assert path.name == "erase-circle-esd-x.safetensors" and not (tmp_path / CHECKPOINT).exists()
+    assert path.name == "erase-circle-esd-x.safetensors" and not checkpoint_path(tmp_path, small("esd-x")).exists()
     metadata = read_metadata(path)
     assert metadata["method"] == "esd-x" and metadata["concept"] == "circle" and '"model": "embedded"' in metadata["settings"]
     erasure = load_erasure(pipe, path)
@@ -300,3 +301,34 @@ def test_uce_under_lora_solves_on_what_the_layer_applies():
             after = {"cat": layer(cat), "kept": layer(kept)}
     assert (after["cat"] - before["dog"]).norm() < 0.75 * (before["cat"] - before["dog"]).norm()  # the concept's keys go toward the guide's
     assert (after["kept"] - before["kept"]).norm() < (after["cat"] - before["cat"]).norm()
+
+
+def test_defaults_on_the_embedded_model_name_the_worlds_captions_and_keep_the_rest():
+    circle = with_defaults(UnlearnSettings(method="uce", concept="circle"), "embedded")
+    assert circle.contexts == ("a red circle", "a yellow circle", "a green circle", "a blue circle", "a purple circle")
+    assert "a blue square" in circle.preserve and len(circle.preserve) == 10 and not any("circle" in p for p in circle.preserve)
+    red = with_defaults(UnlearnSettings(method="salun", concept="red", guide="blue"), "embedded")
+    assert red.contexts == ("a red circle", "a red square", "a red triangle") and len(red.preserve) == 12
+    assert with_defaults(UnlearnSettings(method="esd-x", concept="circle", guide="square"), "embedded").preserve == ()
+    mine = with_defaults(UnlearnSettings(method="uce", concept="dog", contexts=("a dog",), preserve=("a cat",)), "embedded")
+    assert (mine.contexts, mine.preserve) == (("a dog",), ("a cat",))
+    elsewhere = with_defaults(UnlearnSettings(method="uce", concept="dog"), "runwayml/stable-diffusion-v1-5")
+    assert elsewhere.contexts == () and "a photo of a cat" in elsewhere.preserve and not any("dog" in p for p in elsewhere.preserve)
+    with pytest.raises(ValueError, match=r"on the embedded model ESD needs --guide, what 'circle' turns into \(e.g. --guide square\)"):
+        with_defaults(UnlearnSettings(method="esd-x", concept="circle"), "embedded")
+
+
+def test_salun_kv_is_salun_on_keys_and_values_with_its_measured_settings():
+    kv = UnlearnSettings(method="salun-kv", concept="red", guide="blue").resolved()
+    assert (kv.method, kv.group, kv.lr, kv.retain_weight, kv.steps) == ("salun", "esd-x-strict", 3e-3, 1.0, 100)
+    mine = UnlearnSettings(method="salun-kv", concept="red", guide="blue", lr=1e-3, retain_weight=0.7).resolved()
+    assert (mine.lr, mine.retain_weight) == (1e-3, 0.7)
+
+
+def test_erasures_of_different_names_share_an_output_folder(pipe, tmp_path):
+    unlearn(pipe, small("fmn", steps=2), out=tmp_path, progress=False)  # a run cut short: its checkpoint stays
+    path = erase(pipe, small("esd-x", concept="red", guide="blue", contexts=("a red square",), steps=2), tmp_path, model="embedded")
+    assert path.name == "erase-red-esd-x.safetensors"
+    assert torch.load(checkpoint_path(tmp_path, small("fmn")), weights_only=True)["step"] == 2
+    resumed = unlearn(pipe, small("fmn"), out=tmp_path, progress=False)
+    assert resumed.record["settings"]["steps"] == 4

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
+import shutil
 import sys
 from pathlib import Path
 
-from pipelines.generate import MAX_NUM, MAX_SEED, GenerationSettings
+from pipelines.limits import MAX_NUM, MAX_SEED
 from pipelines.messages import bounded
 
 
@@ -65,7 +65,7 @@ def _words(text: str | None) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from pipelines.generate import generate_to_files
+    from pipelines.generate import GenerationSettings, generate_to_files
     from pipelines.loading import load_pipeline, model_label
 
     pipe = load_pipeline(args.model)
@@ -80,6 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_maps(args: argparse.Namespace) -> None:
+    from pipelines.generate import GenerationSettings
     from pipelines.loading import load_pipeline, model_label
     from pipelines.maps import generate_with_maps, write_maps
 
@@ -129,6 +130,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     sheet = grid(shown, labels, columns=3, scale=max(1, 256 // source.size[0]))
     for name, image in (("source.png", source), ("target.png", target), ("side-by-side.png", sheet)):
         print(save_png(image, out / name, meta))
+    for name in ("maps-source", "maps-target"):  # an earlier run's maps would sit beside this run's images
+        shutil.rmtree(out / name, ignore_errors=True)
     if args.maps:
         for index, (name, image) in enumerate((("source", source), ("target", target))):
             for path in write_maps(out / f"maps-{name}", image, result.maps.word_maps(image=index), meta):
@@ -200,12 +203,13 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
-    from pipelines.loading import load_pipeline, model_label
+    from pipelines.loading import EMBEDDED, load_pipeline, model_label
     from pipelines.unlearn import UnlearnSettings, erase, template_prompts
 
     preserve = template_prompts(_words(args.preserve))
     settings = UnlearnSettings(method=args.method, concept=args.concept, guide=args.guide, contexts=tuple(args.contexts or ()),
-                               preserve=tuple(args.preserve_prompts or ()) + preserve, steps=args.steps, lr=args.lr, seed=args.seed)
+                               preserve=tuple(args.preserve_prompts or ()) + preserve, group=args.group or "", steps=args.steps,
+                               lr=args.lr, seed=args.seed)
     images = None
     if args.images:
         folder = Path(args.images)
@@ -215,7 +219,15 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         if not images:
             raise ValueError(f"{folder} holds no image files; put pictures of the concept there, or leave out --images")
     pipe = load_pipeline(args.model)
-    print(erase(pipe, settings, args.out, model_label(args.model), images=images))
+    path = erase(pipe, settings, args.out, model_label(args.model), images=images)
+    print(path)
+    if model_label(args.model) == EMBEDDED:
+        from pipelines.erasure import load_erasure
+        from pipelines.erasure_check import erasure_report
+
+        load_erasure(pipe, path)
+        pipe.set_progress_bar_config(disable=True)
+        print(f"after erasing, the judge reads:\n{erasure_report(pipe, args.concept)}")
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
@@ -243,6 +255,16 @@ def cmd_ui(args: argparse.Namespace) -> None:
     launch(host=args.host, port=args.port, model=args.model)
 
 
+def cmd_scene(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from pipelines.generate import save_png
+    from shapes import make_scene, parse_caption
+
+    scene = make_scene(args.seed, parse_caption(args.caption))
+    print(save_png(Image.fromarray(scene.image), Path(args.out), {"caption": scene.caption, "seed": str(args.seed)}))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from ui.demo import run_demo
 
@@ -252,9 +274,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.guidance import METHODS as GUIDANCE
+    from pipelines.unlearn import GROUPS as UNLEARN_GROUPS
     from pipelines.unlearn import METHODS as UNLEARNING
 
     parser = argparse.ArgumentParser(prog="xattn", description="Record, visualise and rewrite cross-attention in diffusion models.")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own logs, warnings and loading bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate images from a prompt")
@@ -311,10 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--concept", required=True, help="the word(s) to erase, e.g. circle")
     unlearn.add_argument("--method", default="uce", choices=UNLEARNING,
                          help="uce: closed form, seconds; esd-*: ESD's parameter groups; fmn: Forget-Me-Not; salun: SalUn (needs --preserve)")
-    unlearn.add_argument("--guide", default="", help="what the concept turns into (UCE's guide, ESD's anchor, SalUn's replacement); default: nothing")
-    unlearn.add_argument("--preserve", help="comma-separated words to keep (prompted as UCE's templates: 'a photo of a WORD', ...)")
+    unlearn.add_argument("--guide", default="", help="what the concept turns into (UCE's guide, ESD's anchor, SalUn's replacement); "
+                         "default: nothing (UCE drops the word; ESD asks for one on the embedded model)")
+    unlearn.add_argument("--preserve", help="comma-separated words to keep (uce and salun; prompted as UCE's templates: 'a photo of a "
+                         "WORD', ...); default: the world's other captions on the embedded model, everyday concepts elsewhere")
     unlearn.add_argument("--preserve-prompts", nargs="+", metavar="PROMPT", help="prompts to keep, as they are")
-    unlearn.add_argument("--contexts", nargs="+", metavar="PROMPT", help="prompts that name the concept (default: 'a photo of a CONCEPT', ...)")
+    unlearn.add_argument("--contexts", nargs="+", metavar="PROMPT", help="prompts that name the concept (default: the world's captions "
+                         "of it on the embedded model, 'a photo of a CONCEPT', ... elsewhere)")
+    unlearn.add_argument("--group", choices=UNLEARN_GROUPS, help="the weights that train (default: the method's; esd-x-strict: "
+                         "cross-attention keys and values only, what SalUn needs to erase a colour into another)")
     unlearn.add_argument("--images", help="folder of your images of the concept for fmn and salun (default: the model draws its own)")
     unlearn.add_argument("--steps", type=_whole(0, 100_000), default=0, help="training steps (default: the method's)")
     unlearn.add_argument("--lr", type=_finite, default=0.0, help="learning rate (default: the method's)")
@@ -337,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
     ui.set_defaults(run=cmd_ui)
 
+    scene = commands.add_parser("scene", help="draw a scene of the shapes world, a picture the model never drew: a real image to edit")
+    scene.add_argument("caption", help="a caption of the world, e.g. 'a blue circle above a yellow circle'")
+    scene.add_argument("--seed", type=SEED, default=7_000_000, help="where the objects stand and how big they are")
+    scene.add_argument("--out", default="photo.png", help="the PNG to write")
+    scene.set_defaults(run=cmd_scene)
+
     demo = commands.add_parser("demo", help="the main job on the embedded model: PNGs and an index page")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--seed", type=SEED, default=0)
@@ -344,8 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Only errors from transformers and diffusers, and none of their loading bars: a command shows its own progress
+    bar and the paths it writes. Our own warnings (an input fitted, a region not found) still show."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # before diffusers imports, which is when transformers warns
+    transformers.utils.logging.disable_progress_bar()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    early = argparse.ArgumentParser(add_help=False)  # --verbose decides before the parser's own imports load the libraries
+    early.add_argument("--verbose", action="store_true")
+    if not early.parse_known_args(argv)[0].verbose:
+        quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -140,7 +140,9 @@ def unlearning_section(pipe, out: Path, seed: int) -> list[Entry]:
     for prompt, old, new in zip(prompts, before, after):
         sheet = grid([Image.open(old), Image.open(new)], ["base", "circle erased"], columns=2, scale=2)
         path = save_png(sheet, out / f"{slug(prompt)}.png", {"prompt": prompt, "erased": "circle", "method": "uce", "seed": seed})
-        entries.append(Entry(f"UCE, circle erased: {prompt}", path, f"after: {judged(Image.open(new), prompt)}"))
+        named = "circle" in prompt
+        expected = "the erased concept should be gone, so no match is a success" if named else "kept prompts should still match"
+        entries.append(Entry(f"UCE, circle erased: {prompt}", path, f"after: {judged(Image.open(new), prompt)}; {expected}"))
     return entries
 
 
@@ -152,7 +154,8 @@ def write_index(out: Path, sections: dict[str, list[Entry]]) -> Path:
         parts.append(f"<h2>{html.escape(name)}</h2>")
         for e in entries:
             parts.append(
-                f"<figure><img src='{html.escape(e.image.relative_to(out).as_posix())}' alt='{html.escape(e.title)}'>"
+                f"<figure><a href='{html.escape(e.image.relative_to(out).as_posix())}'>"
+                f"<img src='{html.escape(e.image.relative_to(out).as_posix())}' alt='{html.escape(e.title)}'></a>"
                 f"<figcaption><b>{html.escape(e.title)}</b><br>{html.escape(e.note)}</figcaption></figure>"
             )
     index = out / "index.html"
