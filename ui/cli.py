@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn = commands.add_parser("unlearn", help="erase a concept from the model: writes OUT/erase-<concept>-<method>.safetensors")
     unlearn.add_argument("--concept", required=True, help="the word(s) to erase, e.g. circle")
     unlearn.add_argument("--method", default="uce", choices=UNLEARNING,
-                         help="uce: closed form, seconds; esd-*: ESD's parameter groups; fmn: Forget-Me-Not; salun: SalUn (needs --preserve)")
+                         help="uce: closed form, seconds; esd-*: ESD's parameter groups; fmn: Forget-Me-Not; salun: SalUn; "
+                         "salun-kv: SalUn on cross-attention keys and values")
     unlearn.add_argument("--guide", default="", help="what the concept turns into (UCE's guide, ESD's anchor, SalUn's replacement); "
                          "default: nothing (UCE drops the word; ESD asks for one on the embedded model)")
     unlearn.add_argument("--preserve", help="comma-separated words to keep (uce and salun; prompted as UCE's templates: 'a photo of a "
