@@ -235,7 +235,6 @@ def learn_step(
     optimiser = torch.optim.AdamW([vectors], lr=settings.learning_rate)
     weights = torch.tensor([settings.attention_weight, settings.disjoint_weight, settings.background_weight])
     bounds = torch.tensor(thresholds)
-    updates = 0
     for updates in range(settings.inner_steps + 1):
         embeds = encode_with(pipe, caption, nouns.positions, vectors)
         maps = capture.run(lambda: unet_output(pipe, x, level.timestep, TextConditioning(embeds)))

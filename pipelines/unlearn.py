@@ -171,12 +171,10 @@ class UnlearnSettings:
             raise ValueError(f"--seed must be between 0 and {MAX_SEED // 2}; got {self.seed}")
         method, preset = VARIANTS.get(self.method, (self.method, {}))
         defaults = {f.name: f.default for f in fields(self)}
-        chosen = {k: v for k, v in preset.items() if getattr(self, k) == defaults[k]}
+        own = replace(self, method=method, **{k: v for k, v in preset.items() if getattr(self, k) == defaults[k]})
         group, steps, lr = _DEFAULTS[method]
-        chosen = {"group": group, "lr": lr} | chosen
-        contexts = self.contexts or template_prompts([self.concept])
-        return replace(self, method=method, group=self.group or chosen["group"], steps=self.steps or steps, lr=self.lr or chosen["lr"],
-                       retain_weight=chosen.get("retain_weight", self.retain_weight), contexts=contexts)
+        return replace(own, group=own.group or group, steps=own.steps or steps, lr=own.lr or lr,
+                       contexts=own.contexts or template_prompts([own.concept]))
 
 
 def with_defaults(settings: UnlearnSettings, model: str) -> UnlearnSettings:

@@ -218,10 +218,10 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
         images = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         if not images:
             raise ValueError(f"{folder} holds no image files; put pictures of the concept there, or leave out --images")
-    pipe = load_pipeline(args.model)
-    path = erase(pipe, settings, args.out, model_label(args.model), images=images)
+    pipe, model = load_pipeline(args.model), model_label(args.model)
+    path = erase(pipe, settings, args.out, model, images=images)
     print(path)
-    if model_label(args.model) == EMBEDDED:
+    if model == EMBEDDED:
         from pipelines.erasure import load_erasure
         from pipelines.erasure_check import erasure_report
 
