@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from pipelines.dpl import find_nouns
 from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
 from pipelines.erasure import apply_erasure, load_erasure
-from pipelines.generate import GenerationSettings, check_sampling, check_size, finite_images, generate, save_png
+from pipelines.files import save_png
+from pipelines.generate import GenerationSettings, check_sampling, check_size, finite_images, generate
 from pipelines.guidance import METHODS as COMPOSE_METHODS
 from pipelines.guidance import compose
 from pipelines.images import psnr

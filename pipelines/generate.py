@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
+from pipelines.files import save_png, slug
 from pipelines.limits import LARGEST_SIDE, MAX_GUIDANCE, MAX_NUM, MAX_SEED
 
 
@@ -96,22 +95,6 @@ def generate(pipe: DiffusionPipeline, settings: GenerationSettings, num: int = 1
         generator=generators,
         output_type="np",
     ).images)
-
-
-def slug(text: str, limit: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
-
-
-def save_png(image: Image.Image, path: Path, metadata: dict[str, str]) -> Path:
-    """Write atomically (a temporary file renamed into place) with metadata in PNG text chunks."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, str(value))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-    return path
 
 
 def generate_to_files(pipe: DiffusionPipeline, settings: GenerationSettings, out: Path, model: str, num: int = 1) -> list[Path]:

@@ -41,7 +41,12 @@ class GuidanceSettings:
     """Every choice the papers leave open, with its default.
 
     Loss weights: L = attend_excite * L_A&E + segregation * L_seg (A-STAR Eq. 2) + retention *
-    L_ret (Eq. 3); A-STAR's Eq. 4 is the unweighted sum of the last two.
+    L_ret (Eq. 3) + placement * L_layout; A-STAR's Eq. 4 is the unweighted sum of the second and
+    third. L_layout acts only with user masks (`compose(..., layout=...)`): the share of each
+    concept's attention inside its mask (xattn.losses.layout_loss, Chen et al. 2024). User masks
+    as retention's targets instead (A-STAR Sec. 5) placed two objects in their halves no more
+    often than no masks did, and cost exactness (benchmarks/RESULTS.md), so retention keeps its
+    own masks from the previous step's maps.
     step_size, step_size_end: alpha_i = step_size * sqrt(linspace(1, step_size_end, steps)[i]), A&E's schedule.
     guided_steps: the fraction of steps, from the first, whose latents are updated (A&E: 25 of 50;
     A-STAR: every step, its Fig. 11e shows that fewer lose concepts).
@@ -76,6 +81,7 @@ class GuidanceSettings:
     attend_excite: float = 0.0
     segregation: float = 1.0
     retention: float = 1.0
+    placement: float = 1.0
     step_size: float = 20.0
     step_size_end: float = 0.5
     guided_steps: float = 1.0
@@ -90,7 +96,7 @@ class GuidanceSettings:
     maps: str = "peak"
 
     def __post_init__(self) -> None:
-        if min(self.attend_excite, self.segregation, self.retention) < 0:
+        if min(self.attend_excite, self.segregation, self.retention, self.placement) < 0:
             raise ValueError("loss weights must be non-negative")
         if not 0.0 <= self.guided_steps <= 1.0:
             raise ValueError(f"guided_steps is a fraction of the steps, in [0, 1]; got {self.guided_steps}")
@@ -164,9 +170,10 @@ class _Guide:
         self.tokens, self.text_ends, self.layout = tokens, text_ends, layout
         self.kernel = losses.gaussian_kernel(settings.kernel, settings.sigma)
         self.alphas = losses.step_sizes(settings.step_size, steps, settings.step_size_end)
-        self.guided = round(settings.guided_steps * steps) if settings.guides else 0
-        self.refine = {round(f * steps): t for f, t in settings.refinement.items()} if settings.guides else {}
-        self.masks: torch.Tensor | None = layout
+        guides = settings.guides or (layout is not None and settings.placement > 0 and settings.guided_steps > 0)
+        self.guided = round(settings.guided_steps * steps) if guides else 0
+        self.refine = {round(f * steps): t for f, t in settings.refinement.items()} if guides else {}
+        self.masks: torch.Tensor | None = None
         self.step_maps: list[torch.Tensor] = []
         self.losses = torch.full((steps, len(tokens)), float("nan"))
 
@@ -194,6 +201,8 @@ class _Guide:
             total = total + s.segregation * losses.segregation_loss(maps)
         if s.retention and self.masks is not None:
             total = total + s.retention * losses.retention_loss(maps, self.masks[rows])
+        if s.placement and self.layout is not None:
+            total = total + s.placement * losses.layout_loss(maps, self.layout[rows])
         return total
 
     def after_pass(self, begins_step: bool) -> None:
@@ -207,8 +216,7 @@ class _Guide:
         if not self.settings.retention:
             return
         maps = shown if self.settings.maps == "peak" else self.share_maps(probs, list(range(len(self.tokens))))
-        masks = losses.binary_masks(maps, self.settings.mask_threshold)
-        self.masks = masks if self.layout is None else torch.where(self.layout.isnan(), masks, self.layout.to(masks))
+        self.masks = losses.binary_masks(maps, self.settings.mask_threshold)
 
     def evaluate(self, x: torch.Tensor, rows: list[int], timestep, attendance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One guidance pass on these rows of the batch, whose latents x are the UNet's input (variance-preserving, as the
@@ -338,8 +346,8 @@ def compose(
     prompt, all of one length. Image r (prompt r // num_images_per_prompt) starts from the noise of seed + r, and a
     stochastic sampler draws its noise from the same generator, as the pipeline does with
     `generator=`. method picks the loss preset; settings replaces it entirely. layout: {concept:
-    2-D mask, any size} replaces that concept's retention target with the user's region (A-STAR
-    Sec. 5). Any diffusers scheduler works: the update acts on the latents each denoising step
+    2-D mask, any size} pulls that concept's attention into the user's region (the placement
+    loss). Any diffusers scheduler works: the update acts on the latents each denoising step
     starts from. Other keyword arguments go to the pipeline call; an IP-Adapter's
     `ip_adapter_image(_embeds)` conditions every image and the guidance passes alike.
     """
@@ -370,8 +378,11 @@ def compose(
     map_side = layout_side(pipe.unet, latent) if settings.resolution is None else nearest_cross_side(pipe.unet, latent, settings.resolution)
     masks = None
     if layout:
-        if not settings.retention:
-            raise ValueError("layout masks act through the retention loss; use a method or settings with retention > 0")
+        if not settings.guided_steps:
+            raise ValueError("these settings guide no step (guided_steps=0, as method 'none' does), so layout masks would do "
+                             "nothing; use method astar or attend-excite")
+        if not settings.placement:
+            raise ValueError("layout masks act through the placement loss; use settings with placement > 0")
         grid = next(g for g in cross_grids(pipe.unet, latent) if max(g) == map_side)
         masks = _layout_masks(layout, row_words, grid)
 

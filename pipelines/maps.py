@@ -9,7 +9,8 @@ import numpy as np
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from pipelines.generate import GenerationSettings, generate, save_png, slug
+from pipelines.files import save_png, slug
+from pipelines.generate import GenerationSettings, generate
 from xattn import heatmap, pipeline_word_tokens, trace
 
 
@@ -36,6 +37,7 @@ def write_maps(out: Path, image: Image.Image, maps: dict[str, np.ndarray], metad
         paths.append(save_png(overlays[-1], out / f"{i:02d}-{slug(word)}.png", metadata | {"word": word}))
     scale = max(1, 128 // image.size[0])
     sheet = heatmap.grid([image, *overlays], ["image", *maps], columns=6, scale=scale)
+    sheet = heatmap.with_colour_scale(sheet, "min", "max", "each word")
     paths.append(save_png(sheet, out / "grid.png", metadata))
     tmp = out / ".maps.npz.tmp"
     with open(tmp, "wb") as handle:

@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 from pipelines.conditioning import TextConditioning, encode_text, unet_output
 from pipelines.ddim import ddim_from, ddim_levels, ddim_sample
 from pipelines.erasure import save_erasure
-from pipelines.generate import image_size, slug
+from pipelines.files import slug
+from pipelines.generate import image_size
 from pipelines.limits import MAX_SEED
 from pipelines.images import image_to_latent, prepare_image, read_image
 from pipelines.inversion_cache import arrays_digest, model_fingerprint

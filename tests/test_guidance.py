@@ -175,8 +175,11 @@ def test_bad_input_is_named(pipe):
         compose(pipe, [PROMPT, "a red circle"], [["circle", "square"], ["circle"]], steps=2)
     with pytest.raises(ValueError, match="which are not concepts"):
         compose(pipe, PROMPT, ["circle", "square"], layout={"red": np.ones((4, 4))}, steps=2)
-    with pytest.raises(ValueError, match="through the retention loss"):
-        compose(pipe, PROMPT, ["circle", "square"], method="attend-excite", layout={"circle": np.ones((4, 4))}, steps=2)
+    with pytest.raises(ValueError, match="guide no step .* as method 'none' does"):
+        compose(pipe, PROMPT, ["circle", "square"], method="none", layout={"circle": np.ones((4, 4))}, steps=2)
+    with pytest.raises(ValueError, match="through the placement loss"):
+        compose(pipe, PROMPT, ["circle", "square"], settings=method_settings("astar", placement=0.0), layout={"circle": np.ones((4, 4))},
+                steps=2)
     with pytest.raises(ValueError, match="use maps='tokens'"):
         method_settings("astar", attend_excite=1.0)
     with pytest.raises(ValueError, match="fraction of the steps"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xattn.heatmap import aggregate, colourise, grid, normalise, overlay
+from xattn.heatmap import aggregate, colourise, grid, normalise, overlay, with_colour_scale
 from xattn.store import Key
 
 
@@ -38,6 +38,11 @@ def test_colours_overlays_and_grids():
     hot = overlay(image, np.ones((4, 4)), alpha=1.0)
     assert hot.size == (8, 8) and np.asarray(hot)[0, 0].tolist() == [252, 255, 164]
     sheet = grid([image] * 5, [f"w{i}" for i in range(5)], columns=3, scale=2)
-    assert sheet.size == (3 * 16, 2 * (16 + 14))
+    assert sheet.size == (3 * 16, 2 * (16 + 20))
+    assert np.asarray(sheet)[16 + 2 :, :16].min() < 100  # the first caption is drawn under its tile
+    scaled = np.asarray(with_colour_scale(sheet, "min", "max", "each word"))
+    assert scaled.shape[0] == sheet.size[1] and scaled.shape[1] > sheet.size[0]
+    bar = scaled[20:-20, 3 * 16 + 6 + 8]
+    assert bar[0].tolist() == [252, 255, 164] and bar[-1].tolist() == [0, 0, 4]  # brightest at the top
     with pytest.raises(ValueError, match="5 images but 4 captions"):
         grid([image] * 5, ["a"] * 4)

@@ -96,8 +96,23 @@ def test_retention_is_eq3_summed_over_concepts():
     assert losses.retention_loss(maps, mask).item() == pytest.approx(1 - 1.5 / 4.0)
     two = torch.cat([maps, mask], 1)
     assert losses.retention_loss(two, torch.cat([mask, mask], 1)).item() == pytest.approx(1 - 1.5 / 4.0 + 0.5)
-    unknown = torch.cat([mask, torch.full_like(mask, float("nan"))], 1)  # the second concept has no target yet
-    assert losses.retention_loss(two, unknown).item() == pytest.approx(1 - 1.5 / 4.0)
+
+
+def test_layout_loss_is_the_squared_share_outside_each_mask():
+    mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    assert losses.layout_loss(mask * 0.7, mask).item() == pytest.approx(0.0)  # all attention inside, at any scale
+    maps = torch.tensor([[[[0.5, 0.5], [1.0, 0.0]]]])
+    # inside: 0.5 + 1.0 of 2.0 -> (1 - 0.75)^2
+    assert losses.layout_loss(maps, mask).item() == pytest.approx(0.0625)
+    two = torch.cat([maps, torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])], 1)  # the second wholly outside its mask: 1
+    assert losses.layout_loss(two, torch.cat([mask, mask], 1)).item() == pytest.approx(1.0625)
+    unknown = torch.cat([mask, torch.full_like(mask, float("nan"))], 1)  # no mask for the second concept
+    assert losses.layout_loss(two, unknown).item() == pytest.approx(0.0625)
+    pulled = torch.full((1, 1, 4, 4), 0.3, requires_grad=True)
+    half = torch.zeros(1, 1, 4, 4)
+    half[..., :, :2] = 1.0
+    losses.layout_loss(pulled, half).backward()
+    assert (pulled.grad[..., :, :2] < 0).all() and (pulled.grad[..., :, 2:] > 0).all()
 
 
 def test_retention_gradient_pulls_attention_into_the_mask():

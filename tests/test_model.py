@@ -52,15 +52,14 @@ def test_missing_model_paths_are_clear_errors(tmp_path):
 
 
 def test_shape_word_maps_peak_inside_their_objects(pipe):
-    prompts = prompt_sets(100)["two objects"]
+    prompts = prompt_sets(40)["two objects"]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    with xattn.trace(pipe) as tc:
+        images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=generators, output_type="np").images
     peaks = []
-    for start in range(0, 100, 50):
-        chunk = prompts[start : start + 50]
-        generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-        with xattn.trace(pipe) as tc:
-            images = pipe(chunk, num_inference_steps=25, guidance_scale=5.0, generator=generators, output_type="np").images
-        for i, (prompt, image) in enumerate(zip(chunk, images)):
-            peaks += _shape_word_peaks(pipe.tokenizer, prompt, tc.token_maps(image=i), match_caption(np.rint(image * 255), prompt))
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        peaks += _shape_word_peaks(pipe.tokenizer, prompt, tc.token_maps(image=i), match_caption(np.rint(image * 255), prompt))
     # an object covers about a tenth of the image, so a capture that lost the word-to-map link would
-    # score near 0.1; issue 3's bar is 85 % (96 % on the 200 two-object seeds of benchmarks/RESULTS.md)
-    assert len(peaks) >= 150 and np.mean(peaks) >= 0.85
+    # score near 0.1; issue 3's bar is 85 % (95 % on the 200 two-object seeds of benchmarks/RESULTS.md,
+    # so about 4 standard errors of 60 objects above the bar)
+    assert len(peaks) >= 60 and np.mean(peaks) >= 0.85

@@ -1,1 +1,1 @@
-"""Front ends: the command line and (later) the Gradio app."""
+"""Front ends: the command line, the demo and the Gradio app."""

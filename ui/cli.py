@@ -8,8 +8,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipelines.limits import MAX_NUM, MAX_SEED
-from pipelines.messages import bounded
+from ui.packages import require_own_packages
+
+require_own_packages()  # before an import below could load another distribution's package of the same name
+
+from pipelines.limits import MAX_NUM, MAX_SEED  # noqa: E402
+from pipelines.messages import bounded  # noqa: E402
 
 
 def _whole(low: int, high: int):
@@ -94,7 +98,7 @@ def cmd_maps(args: argparse.Namespace) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> None:
     from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
-    from pipelines.generate import save_png
+    from pipelines.files import save_png
     from pipelines.loading import load_pipeline, model_label
     from pipelines.maps import write_maps
     from xattn.heatmap import grid
@@ -166,7 +170,7 @@ def _invert(pipe, args: argparse.Namespace, caption: str):
 
 
 def cmd_invert(args: argparse.Namespace) -> None:
-    from pipelines.generate import save_png
+    from pipelines.files import save_png
     from pipelines.images import psnr
     from pipelines.inversion import reconstruct
     from pipelines.loading import load_pipeline, model_label
@@ -184,7 +188,7 @@ def cmd_invert(args: argparse.Namespace) -> None:
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
-    from pipelines.generate import slug
+    from pipelines.files import slug
     from pipelines.guidance import compose
     from pipelines.loading import load_pipeline, model_label
     from pipelines.maps import write_maps
@@ -258,7 +262,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
 def cmd_scene(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from pipelines.generate import save_png
+    from pipelines.files import save_png
     from shapes import make_scene, parse_caption
 
     scene = make_scene(args.seed, parse_caption(args.caption))

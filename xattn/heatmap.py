@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from xattn.store import Key
 
@@ -68,19 +68,44 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.6) -> Image.I
     return Image.fromarray(np.rint(blended).astype(np.uint8))
 
 
+LABEL_HEIGHT = 20
+
+
+def _label_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=14)
+
+
 def grid(images: list[Image.Image], captions: list[str], columns: int = 6, scale: int = 1) -> Image.Image:
     """Tiles with a caption strip under each, for a quick look at many maps at once."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     w, h = images[0].size
     w, h = w * scale, h * scale
-    strip = 14
     columns = max(1, min(columns, len(images)))
     rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * w, rows * (h + strip)), "white")
+    sheet = Image.new("RGB", (columns * w, rows * (h + LABEL_HEIGHT)), "white")
     draw = ImageDraw.Draw(sheet)
+    font = _label_font()
     for i, (tile, caption) in enumerate(zip(images, captions)):
-        x, y = (i % columns) * w, (i // columns) * (h + strip)
+        x, y = (i % columns) * w, (i // columns) * (h + LABEL_HEIGHT)
         sheet.paste(tile.resize((w, h), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + h + 1), caption, fill="black")
+        draw.text((x + 3, y + h + 2), caption, fill="black", font=font)
     return sheet
+
+
+def with_colour_scale(sheet: Image.Image, low: str, high: str, title: str) -> Image.Image:
+    """The sheet with the heat colours as a vertical bar on its right, its ends labelled, so a tile's colours read as values."""
+    font = _label_font()
+    bar_width, margin = 16, 6
+    text_width = int(max(font.getlength(t) for t in (low, high, title))) + margin
+    out = Image.new("RGB", (sheet.width + margin + bar_width + text_width, sheet.height), "white")
+    out.paste(sheet, (0, 0))
+    top, bottom = LABEL_HEIGHT, max(sheet.height - LABEL_HEIGHT, LABEL_HEIGHT + 2)
+    ramp = colourise(np.linspace(1, 0, bottom - top)[:, None].repeat(bar_width, 1))
+    x = sheet.width + margin
+    out.paste(Image.fromarray(ramp), (x, top))
+    draw = ImageDraw.Draw(out)
+    draw.text((x, 2), title, fill="black", font=font)
+    draw.text((x + bar_width + 4, top), high, fill="black", font=font)
+    draw.text((x + bar_width + 4, bottom - LABEL_HEIGHT + 4), low, fill="black", font=font)
+    return out

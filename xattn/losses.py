@@ -106,14 +106,21 @@ def segregation_loss(maps: torch.Tensor) -> torch.Tensor:
 
 
 def retention_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """A-STAR Eq. 3: sum over concepts of 1 - overlap(map, binary mask), per row; 0.5 per concept at best.
+    """A-STAR Eq. 3: sum over concepts of 1 - overlap(map, binary mask), per row; 0.5 per concept at best."""
+    return (1 - _overlap(maps, masks.to(maps))).sum(-1)
 
-    A concept whose mask is NaN has no target yet (a user layout that names only some concepts,
-    before the first step's maps exist) and adds nothing.
+
+def layout_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Backward layout guidance (Chen et al., WACV 2024, Eq. 3), per row: the sum over concepts of (1 - the share of the
+    concept's attention that falls inside its mask)^2; 0 when all of it is inside.
+
+    Unlike retention's IoU, the share does not ask a small object's map to fill a large region,
+    so a mask of half the image pulls the object into that half instead of spreading its
+    attention. A concept whose mask is NaN (none given) adds nothing.
     """
     known = ~masks.isnan().flatten(-2).any(-1)
-    terms = 1 - _overlap(maps, masks.nan_to_num(0.0).to(maps))
-    return (terms * known.to(maps)).sum(-1)
+    inside = (maps * masks.nan_to_num(0.0).to(maps)).sum((-2, -1)) / maps.sum((-2, -1)).clamp_min(1e-8)
+    return ((1 - inside) ** 2 * known.to(maps)).sum(-1)
 
 
 def binary_masks(maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
