@@ -24,9 +24,9 @@ from pathlib import Path
 
 from benchmarks import provenance
 from benchmarks.harness import write_json
-from benchmarks.tables import RESULTS, write_section
+from benchmarks.tables import CURRENT, RESULTS, write_section
 
-FOLDERS = {"full": RESULTS.parent / "results" / "current", "quick": RESULTS.parent / "results" / "quick"}
+FOLDERS = {"full": CURRENT, "quick": RESULTS.parent / "results" / "quick"}
 # name: (full arguments, quick arguments)
 BENCHMARKS = {
     "shapes_quality": (["--seeds", "200"], ["--seeds", "20", "--batch", "20"]),

@@ -117,11 +117,10 @@ def _classify_shape(mask: np.ndarray) -> tuple[str | None, float, float]:
     return (best if well_drawn else None), best_iou, convexity
 
 
-def _cut_by_border(mask: np.ndarray) -> bool:
+def _cut_by_border(mask: np.ndarray, box: tuple[int, int, int, int]) -> bool:
     """Whether the border cuts the object: on some edge of the image, its pixels span at least 0.4 of its extent
     along that edge. A circle drawn tangent to an edge covers 0.3 of its width there; cut by one pixel, 0.43."""
-    ys, xs = np.nonzero(mask)
-    width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
     edges = ((mask[0], width), (mask[-1], width), (mask[:, 0], height), (mask[:, -1], height))
     return any(edge.sum() >= MIN_CUT * extent for edge, extent in edges)
 
@@ -146,7 +145,7 @@ def read_objects(image: np.ndarray) -> list[JudgedObject]:
             ys, xs = np.nonzero(mask)
             box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
             shape, iou, convexity = _classify_shape(mask)
-            clipped = _cut_by_border(mask)
+            clipped = _cut_by_border(mask, box)
             centre = (float(xs.mean()), float(ys.mean()))
             found.append(JudgedObject(colour, None if clipped else shape, mask, box, centre, iou, convexity, clipped))
     found.sort(key=lambda o: -int(o.mask.sum()))
