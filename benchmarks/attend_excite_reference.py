@@ -6,7 +6,7 @@
 Three-object prompts of three different shapes (benchmarks.shapes_quality's, the first `--prompts`
 of them), `--seeds` seeds each; image s of a prompt starts from the noise of seed s for every
 method. Methods: no guidance; the `attend-excite` preset (the authors' loop, every token but the
-first and last, maps at xattn.sites.layout_side: 8 on this model); diffusers'
+first and last, maps at xattn.families.layout_side: 8 on this model); diffusers'
 StableDiffusionAttendAndExcitePipeline at the same settings, with its maps at that side and at its
 default 16x16 (on this model the highest level, the one SD has at 64x64); A-STAR. Two regimes: the
 authors' own defaults (50 steps, guidance 7.5, refinement at iterations 0, 10 and 20, updates
@@ -35,7 +35,7 @@ from pipelines.guidance import compose, method_settings
 from pipelines.loading import load_pipeline
 from shapes.judge import match_caption
 from shapes.scenes import parse_caption
-from xattn.sites import layout_side
+from xattn.families import layout_side
 from xattn.tokens import word_tokens
 
 REGIMES = {"authors' defaults (50 steps, guidance 7.5)": (50, 7.5), "xattn's defaults (25 steps, guidance 5)": (25, 5.0)}

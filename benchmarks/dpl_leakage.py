@@ -12,7 +12,8 @@ leakage): its shape, and separately its colour (to one the scene does not use). 
 - target exact: the judge reads the target caption exactly;
 - leakage: another object changed (the judge does not find it with its colour and shape, or its box moved: IoU < 0.7);
 - background PSNR against the input outside every object, old and new (dilated 2 px);
-and per method the time to invert one image, paired with null-text's on the same images.
+and per method the time to invert one image, paired with null-text's on the same images. Every method runs on an image
+before the next image, and the JSON is rewritten after each: an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -76,21 +77,28 @@ def measure(pipe, scene, inversion, layout) -> tuple[bool, bool, float]:
     return match_caption(edited, target).exact, leaked, psnr_outside(edited, scene.image, masks)
 
 
-def run_method(pipe, method: str, images: list, dpl: DPLSettings) -> dict:
-    seconds, rows = [], {"shape swap": [], "colour swap": []}
-    for scene in images:
-        nouns = [thing.shape for thing in scene.layout.things] if method.startswith("dpl") else ()
-        inversion = invert(pipe, scene.image, scene.caption, method=method, nouns=nouns, dpl=dpl, cache_dir=None)
-        seconds.append(inversion.seconds)
-        rows["shape swap"].append(measure(pipe, scene, inversion, swap_first_shape(scene.layout)))
-        rows["colour swap"].append(measure(pipe, scene, inversion, swap_first_colour(scene.layout)))
+def invert_and_edit(pipe, method: str, scene, dpl: DPLSettings) -> dict:
+    """One image under one method: its inversion time and each edit's (target exact, leaked, background PSNR)."""
+    nouns = [thing.shape for thing in scene.layout.things] if method.startswith("dpl") else ()
+    inversion = invert(pipe, scene.image, scene.caption, method=method, nouns=nouns, dpl=dpl, cache_dir=None)
+    edits = {"shape swap": swap_first_shape(scene.layout), "colour swap": swap_first_colour(scene.layout)}
+    measured = {edit: measure(pipe, scene, inversion, layout) for edit, layout in edits.items()}
+    return {"seconds": inversion.seconds, **{edit: [bool(e), bool(l), float(b)] for edit, (e, l, b) in measured.items()}}
+
+
+def summary(rows: list[dict], method: str) -> dict:
+    """A method's rates and medians over the images measured so far; its time paired per image with null-text's."""
+    mine = [row[method] for row in rows]
+    seconds = [m["seconds"] for m in mine]
     result = {"seconds_to_invert": seconds, "median_seconds_to_invert": float(np.median(seconds))}
-    for name, measured in rows.items():
-        exact, leaked, background = zip(*measured)
-        result[name] = {"target_exact": float(np.mean(exact)), "leakage": float(np.mean(leaked)),
+    for edit in ("shape swap", "colour swap"):
+        exact, leaked, background = zip(*(m[edit] for m in mine))
+        three = [l for l, row in zip(leaked, rows) if row["objects"] == 3]
+        result[edit] = {"target_exact": float(np.mean(exact)), "leakage": float(np.mean(leaked)),
                         "median_background_psnr_db": float(np.median(background)),
-                        "three_objects_leakage": float(np.mean([l for l, s in zip(leaked, images) if len(s.objects) == 3] or [np.nan]))}
-    print(method, {k: v for k, v in result.items() if k != "seconds_to_invert"}, flush=True)
+                        "three_objects_leakage": float(np.mean(three)) if three else None}
+    if all("null-text" in row for row in rows):
+        result["median_time_vs_null_text"] = float(np.median([row[method]["seconds"] / row["null-text"]["seconds"] for row in rows]))
     return result
 
 
@@ -104,26 +112,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dpl_leakage.json"))
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"no inversion method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
     images = scenes(args.images, args.same_shape)
-    results = {"images": len(images), "three_objects": sum(len(s.objects) == 3 for s in images), "same_shape": args.same_shape,
-               "dpl_inner_steps": args.dpl_inner_steps, "dpl_learning_rate": args.dpl_learning_rate,
-               "started": time.strftime("%Y-%m-%d %H:%M")}
-    if args.out.exists():  # an interrupted run of the same images resumes: the methods it measured are kept
+    settings = {"images": len(images), "three_objects": sum(len(s.objects) == 3 for s in images), "same_shape": args.same_shape,
+                "methods": methods, "dpl_inner_steps": args.dpl_inner_steps, "dpl_learning_rate": args.dpl_learning_rate}
+    results = {**settings, "started": time.strftime("%Y-%m-%d %H:%M"), "per_image": []}
+    if args.out.exists():  # an interrupted run of the same settings resumes after the last image it finished
         earlier = json.loads(args.out.read_text())
-        if all(earlier.get(k) == results[k] for k in ("images", "three_objects", "same_shape", "dpl_inner_steps", "dpl_learning_rate")):
+        if all(earlier.get(k) == v for k, v in settings.items()) and "per_image" in earlier:
             results = earlier
-    for method in args.methods.split(","):
-        if method not in results:
-            results[method] = run_method(pipe, method, images, DPLSettings(inner_steps=args.dpl_inner_steps,
-                                                                            learning_rate=args.dpl_learning_rate))
-            write_json(args.out, results)
-    if "null-text" in results:
-        for method in args.methods.split(","):
-            ratios = np.asarray(results[method]["seconds_to_invert"]) / np.asarray(results["null-text"]["seconds_to_invert"])
-            results[method]["median_time_vs_null_text"] = float(np.median(ratios))
-    write_json(args.out, results)
+    dpl = DPLSettings(inner_steps=args.dpl_inner_steps, learning_rate=args.dpl_learning_rate)
+    for scene in images[len(results["per_image"]):]:
+        # every method on one image before the next: a slow stretch of the machine falls on all of them alike
+        row = {"caption": scene.caption, "objects": len(scene.objects)}
+        row.update({method: invert_and_edit(pipe, method, scene, dpl) for method in methods})
+        results["per_image"].append(row)
+        results.update({method: summary(results["per_image"], method) for method in methods})
+        results["measured"] = len(results["per_image"])
+        write_json(args.out, results)
+        print(f"{len(results['per_image'])}/{len(images)}", {m: round(row[m]["seconds"], 1) for m in methods}, flush=True)
 
 
 if __name__ == "__main__":

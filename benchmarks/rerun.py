@@ -35,7 +35,7 @@ BENCHMARKS = {
     "composition_quality": (["--seeds", "200"], ["--seeds", "20", "--batch", "20"]),
     "layout_placement": (["--seeds", "50"], ["--seeds", "8"]),
     "unlearning_quality": (["--seeds", "100"], ["--seeds", "10"]),
-    "dpl_leakage": (["--images", "100"], ["--images", "4", "--methods", "null-text,dpl"]),
+    "dpl_leakage": (["--images", "100", "--methods", "ddim,null-text,direct,dpl"], ["--images", "4", "--methods", "null-text,dpl"]),
 }
 
 

@@ -35,6 +35,8 @@ class BlendTokens:
 
 
 class PromptToPrompt(Controller):
+    joint = False
+
     def __init__(
         self,
         edits: Sequence[CrossEdit],

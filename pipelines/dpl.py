@@ -39,7 +39,7 @@ from xattn.attach import attach
 from xattn.capture import MapCapture
 from xattn.clustering import BACKGROUND, regions
 from xattn.denoiser import frozen
-from xattn.sites import cross_resolutions, layout_side
+from xattn.families import cross_resolutions, layout_side
 from xattn.store import AttentionStore
 from xattn.tokens import pipeline_tokenizer, prompt_words
 
@@ -235,23 +235,25 @@ def learn_step(
     optimiser = torch.optim.AdamW([vectors], lr=settings.learning_rate)
     weights = torch.tensor([settings.attention_weight, settings.disjoint_weight, settings.background_weight])
     bounds = torch.tensor(thresholds)
-    for updates in range(settings.inner_steps + 1):
+    updates = 0
+    while updates < settings.inner_steps:
         embeds = encode_with(pipe, caption, nouns.positions, vectors)
         maps = capture.run(lambda: unet_output(pipe, x, level.timestep, TextConditioning(embeds)))
         values = terms(maps.float(), nouns, background.to(maps.device))
-        if updates == settings.inner_steps or bool((values.detach().cpu() < bounds).all()):
+        if bool((values.detach().cpu() < bounds).all()):
             break
         loss = (values * weights.to(values)).sum()
         if not torch.isfinite(loss):
             raise ValueError(f"dpl's loss became {loss.item()} at timestep {int(level.timestep)}; lower its learning rate")
         (vectors.grad,) = torch.autograd.grad(loss, [vectors])
         optimiser.step()
+        updates += 1
     return vectors.detach(), updates
 
 
 @contextmanager
-def map_capture(pipe: DiffusionPipeline, side: int) -> Iterator[MapCapture]:
-    """A differentiable capture of the cross-attention at `side`, attached for the block, the UNet's weights frozen."""
-    capture = MapCapture(side)
+def map_capture(pipe: DiffusionPipeline, capture: MapCapture) -> Iterator[MapCapture]:
+    """`capture` attached for the block, the UNet's weights frozen. Keep one capture for a whole inversion: once it has
+    seen a UNet call it knows the last layer at its side and ends the learning passes there."""
     with attach(pipe, capture), frozen(pipe.unet):
         yield capture

@@ -29,7 +29,7 @@ from pipelines.generate import check_sampling, image_size
 from pipelines.inversion import Inversion
 from pipelines.stepping import Calls, with_callback
 from xattn.attach import attach
-from xattn.sites import nearest_cross_side
+from xattn.families import nearest_cross_side
 from xattn.store import AttentionStore
 from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens, word_tokens
 from xattn.trace import Trace

@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipelines.files import save_png, slug
 from pipelines.limits import LARGEST_SIDE, MAX_GUIDANCE, MAX_NUM, MAX_SEED
+from xattn.families import native_side, side_multiple
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,11 @@ class GenerationSettings:
         return {"prompt": self.prompt, "seed": seed, "steps": self.steps, "guidance": self.guidance, "model": model}
 
 
-def image_multiple(pipe: DiffusionPipeline) -> int:
-    """Image sides must be a multiple of this: the VAE's factor times the UNet's down-sampling."""
-    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-
-
 def _check_side(pipe: DiffusionPipeline, value: int | None, option: str) -> int:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_side(pipe)
     if value is None:
         return native
-    multiple, largest = image_multiple(pipe), LARGEST_SIDE * native
+    multiple, largest = side_multiple(pipe), LARGEST_SIDE * native
     if value > largest:
         raise ValueError(f"{option} {value} is larger than this model draws: at most {largest} ({LARGEST_SIDE}x its native {native})")
     if value <= 0 or value % multiple:

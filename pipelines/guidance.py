@@ -30,7 +30,7 @@ from xattn import losses
 from xattn.attach import CallState, attach
 from xattn.capture import MapCapture
 from xattn.denoiser import frozen
-from xattn.sites import cross_grids, layout_side, nearest_cross_side
+from xattn.families import cross_grids, layout_side, nearest_cross_side
 from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens
 
 METHODS = ("astar", "attend-excite", "none")
@@ -59,7 +59,7 @@ class GuidanceSettings:
     better: benchmarks/RESULTS.md).
     resolution: side of the attention maps the losses read (the UNet's nearest cross-attention side
     is used); None reads the level the papers' 16x16 maps stand for on SD 1.x at 512 px, the
-    deepest one outside the mid block (xattn.sites.layout_side: 16 there, 32 for SDXL at 1024 px,
+    deepest one outside the mid block (xattn.families.layout_side: 16 there, 32 for SDXL at 1024 px,
     8 on the embedded model). The A&E preset reads there: on the embedded model's 16x16 maps, the
     level SD has at 64x64, it found all objects less often than no guidance. A-STAR keeps 16, the
     side it was tuned and measured at, where it does as well as at 8 (benchmarks/RESULTS.md).

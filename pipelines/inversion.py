@@ -43,6 +43,7 @@ from pipelines.images import image_to_latent, prepare_image
 from pipelines.inversion_cache import DEFAULT_CACHE, InversionCache, arrays_digest, inversion_key, model_fingerprint
 from xattn.align import refine_mapper
 from xattn.attach import attach
+from xattn.capture import MapCapture
 from xattn.denoiser import has_ip_adapter
 from xattn.tokens import pipeline_tokenizer
 
@@ -352,8 +353,9 @@ def _learn_tokens(
     vectors = initial_vectors(pipe, caption, nouns.positions)
     x, null = latents[-1:], uncond.embeds.detach().float()
     learnt, nulls = [], []
+    capture = MapCapture(side)
     for i, level in enumerate(pipe.progress_bar(levels)):
-        with map_capture(pipe, side) as capture:
+        with map_capture(pipe, capture):
             vectors, _ = learn_step(pipe, capture, x, level, caption, nouns, vectors, background, settings, settings.thresholds(i, steps))
         learnt.append(vectors)
         target = latents[steps - 1 - i : steps - i]

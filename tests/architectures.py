@@ -5,7 +5,10 @@ scheduler (skip_prk_steps, steps_offset 1), SD 2.1-v's v-prediction DDIM and lin
 SDXL's two text encoders, size ids and Euler scheduler, the SDXL refiner's img2img pipeline with
 only the second text encoder and aesthetic-score ids. `SETUPS` adds what users load on top: fused
 projections, attention slicing, FreeU, peft LoRA, IP-Adapter, float16 and bfloat16,
-`torch.compile`, and the img2img and inpaint pipelines.
+`torch.compile`, and the img2img and inpaint pipelines. `TRANSFORMERS` holds the transformer families: SD3
+(patch grid, the last block's context `context_pre_only`, CLIP-L and CLIP-G side by side, then T5), SD3.5 (qk-norm,
+dual attention), Flux (double- then single-stream blocks, RoPE, 2x2 packing, distilled guidance) and PixArt-alpha
+(DiT cross-attention to T5), with a sentencepiece (Unigram, "▁") tokenizer of their own for T5.
 """
 
 from __future__ import annotations
@@ -16,8 +19,16 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -34,7 +45,11 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
 )
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from shapes import MODEL_PATH
 
@@ -134,6 +149,103 @@ def sdxl_refiner() -> StableDiffusionXLImg2ImgPipeline:
 
 
 ARCHITECTURES = {"sd1": sd1, "sd1-64": sd1_64, "sd2-v": sd2_v, "sdxl": sdxl}
+
+T5_WORDS = ("a", "an", "red", "blue", "green", "yellow", "circle", "square", "tri", "and", "on", "the", "left", "right",
+            "of", "above", "below", "photo", "cat", "dog")
+# The published schedulers: SD3's shift 3; Flux-dev's resolution-dependent (dynamic) shift.
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def t5_tokenizer() -> T5TokenizerFast:
+    """A sentencepiece-style tokenizer built like T5's: Unigram pieces with "▁" for a leading space, </s> appended,
+    <pad> 0. Shape words are pieces of their own except "triangle" ("▁tri" + "angle"); other words fall to letters."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789.,'!?-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), ("angle", -3.5)]
+    vocab += [("▁" + w, -3.0) for w in T5_WORDS] + [(c, -6.0) for c in letters]
+    vocab += [("▁" + c, -7.0) for c in letters if c not in T5_WORDS]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                           model_max_length=512)
+
+
+def _t5(width: int) -> T5EncoderModel:
+    torch.manual_seed(2)
+    return T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer()), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8)).eval()
+
+
+def _flow_vae() -> AutoencoderKL:
+    """SD3's and Flux's VAE config: a shift as well as a scale."""
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(32, 32), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=32, scaling_factor=1.5305, shift_factor=0.0609)
+
+
+def _sd3(qk_norm: str | None, dual_attention_layers: tuple[int, ...], t5: bool) -> StableDiffusion3Pipeline:
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                                        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32, qk_norm=qk_norm,
+                                        dual_attention_layers=dual_attention_layers)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=_flow_vae(),
+        text_encoder=CLIPTextModelWithProjection(_text_config()), tokenizer=_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=_tokenizer(),
+        text_encoder_3=_t5(64) if t5 else None, tokenizer_3=t5_tokenizer() if t5 else None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3() -> StableDiffusion3Pipeline:
+    """SD3 medium's layout: joint blocks, the last one's context `context_pre_only`; CLIP-L + CLIP-G, then T5."""
+    return _sd3(None, (), t5=True)
+
+
+def sd3_no_t5() -> StableDiffusion3Pipeline:
+    """SD3 loaded with text_encoder_3=None, as users do to save memory: T5's positions hold zeros."""
+    return _sd3(None, (), t5=False)
+
+
+def sd35() -> StableDiffusion3Pipeline:
+    """SD3.5 medium's additions: RMS qk-norm and an image-only second attention (`attn2`) in the first blocks."""
+    return _sd3("rms_norm", (0, 1), t5=True)
+
+
+def flux() -> FluxPipeline:
+    """Flux-dev's layout: double-stream then single-stream blocks, RoPE on (text, row, column) ids, latents packed 2x2,
+    CLIP's pooled vector and T5's tokens, guidance distilled into an embedding (no unconditional rows)."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                         guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=_flow_vae(),
+                        text_encoder=CLIPTextModel(_text_config()), tokenizer=_tokenizer(), text_encoder_2=_t5(32),
+                        tokenizer_2=t5_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart() -> PixArtAlphaPipeline:
+    """PixArt-alpha: DiT blocks (adaLN-single) with cross-attention to T5 tokens, learnt sigma, DPM-Solver++."""
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+                                           caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8,
+                                           attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    pipe = PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5(32), vae=_vae(), transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TRANSFORMERS = {"sd3": sd3, "sd3-no-t5": sd3_no_t5, "sd3.5": sd35, "flux": flux, "pixart": pixart}
 
 
 def _with_image_encoder(pipe):

@@ -6,7 +6,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 import xattn
 from tests.architectures import ARCHITECTURES
 from xattn.controller import explicit_probs
-from xattn.sites import BatchLayout, layer_of, query_resolution
+from xattn.families import UNet
+from xattn.sites import BatchLayout, query_resolution
 
 PROMPTS = ["a red circle and a blue square", "a green triangle"]
 SIZES = {"sd1-64": 128}
@@ -138,10 +139,10 @@ def test_query_resolution_follows_the_unet_levels():
 
 
 def test_layers_and_layouts():
-    assert layer_of("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor") == xattn.Layer(
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn2", "cross", "down")
-    assert layer_of("mid_block.attentions.0.transformer_blocks.0.attn1.processor").place == "mid"
-    assert layer_of("up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor").kind == "self"
+    assert UNet.layer("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor") == xattn.Layer(
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2", "cross", "down", 1)
+    assert UNet.layer("mid_block.attentions.0.transformer_blocks.0.attn1.processor").place == "mid"
+    assert UNet.layer("up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor").kind == "self"
     layout = BatchLayout(("p", "q"), images_per_prompt=2, guidance=True)
     assert layout.cond(8) == slice(4, 8) and layout.cond(4) == slice(0, 4)
     assert BatchLayout(("p",), guidance=False).cond(1) == slice(0, 1)
@@ -149,7 +150,7 @@ def test_layers_and_layouts():
 
 
 def test_conditional_calls_treat_any_batch_as_conditional_rows():
-    state = xattn.CallState()
+    state = xattn.CallState(UNet, None)
     state.restart(BatchLayout(("p", "q", "r"), guidance=True))
     assert state.layout.cond(2) == slice(1, 2)  # a 2-row call of a guided 3-prompt run reads as [uncond, cond]
     with state.conditional_calls():

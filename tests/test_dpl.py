@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.conditioning import TextConditioning, unet_output
+from pipelines.ddim import ddim_from, ddim_levels
 from pipelines.dpl import DPLSettings, encode_with, find_nouns, initial_vectors, learn_step, map_capture, terms, user_background
 from pipelines.edit import prompt_to_prompt
 from pipelines.images import psnr
 from pipelines.inversion import invert, reconstruct
 from pipelines.loading import load_pipeline
 from shapes.scenes import make_scene
+from xattn.capture import MapCapture
 from xattn.clustering import BACKGROUND, kmeans, name_clusters, regions
 
 
@@ -73,14 +76,12 @@ def test_learning_lowers_the_losses_and_stops_when_they_meet_the_thresholds(pipe
     scene = two_object_scene()
     inversion = invert(pipe, scene.image, scene.caption, method="ddim", steps=5, cache_dir=None)
     nouns = find_nouns(pipe, scene.caption, [t.shape for t in scene.layout.things])
-    from pipelines.ddim import ddim_from, ddim_levels
-
     level = ddim_levels(ddim_from(pipe.scheduler), 5)[1]
     x = inversion.latents[3:4]
     start = initial_vectors(pipe, scene.caption, nouns.positions)
     background = torch.zeros(8, 8)
     background[0] = 1.0
-    with map_capture(pipe, 8) as capture:
+    with map_capture(pipe, MapCapture(8)) as capture:
         same, updates = learn_step(pipe, capture, x, level, scene.caption, nouns, start, background, DPLSettings(), (9.0, 9.0, 9.0))
         assert updates == 0 and torch.equal(same, start)
         settings = DPLSettings(inner_steps=10, learning_rate=1e-2, attention_weight=0, background_weight=0, disjoint_weight=1)
@@ -89,8 +90,6 @@ def test_learning_lowers_the_losses_and_stops_when_they_meet_the_thresholds(pipe
 
         def disjoint(vectors):
             embeds = encode_with(pipe, scene.caption, nouns.positions, vectors)
-            from pipelines.conditioning import TextConditioning, unet_output
-
             maps = capture.run(lambda: unet_output(pipe, x, level.timestep, TextConditioning(embeds)))
             return float(terms(maps, nouns, background)[1])
 

@@ -14,7 +14,8 @@ from editors.edits import swap
 from pipelines.edit import prompt_to_prompt
 from pipelines.loading import load_pipeline
 from tests.architectures import ARCHITECTURES
-from xattn.sites import Layer, Site, cross_resolutions, layout_side
+from xattn.families import cross_resolutions, layout_side
+from xattn.sites import Layer, Site
 
 SWAP = ["a red circle and a blue square", "a red circle and a green square"]
 CASES = {

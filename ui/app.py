@@ -36,7 +36,7 @@ from pipelines.unlearn import METHODS as ERASERS
 from pipelines.unlearn import UnlearnSettings, erase, template_prompts
 from xattn import trace
 from xattn.heatmap import grid, overlay
-from xattn.sites import cross_resolutions
+from xattn.families import cross_resolutions
 from xattn.tokens import pipeline_tokenizer, prompt_words
 
 MAX_WEIGHTS = 12
@@ -117,7 +117,7 @@ class Handlers:
         weakref.finalize(self, shutil.rmtree, self.downloads, True)
 
     def resolutions(self) -> list[int]:
-        return cross_resolutions(self.pipe.unet, (self.side // self.pipe.vae_scale_factor,) * 2)
+        return cross_resolutions(self.pipe, (self.side // self.pipe.vae_scale_factor,) * 2)
 
     def inspect(self, prompt: str, seed: float, steps: float, guidance: float, resolutions: list[int], first: float, last: float,
                 progress=gr.Progress(track_tqdm=True)):

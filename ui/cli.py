@@ -46,7 +46,7 @@ SEED = _whole(0, MAX_SEED)
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
+    parser.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; for maps also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the first image (image i uses seed+i)")
     parser.add_argument("--steps", type=_whole(1, 1000), default=25, help="denoising steps (at most the scheduler's training steps, 1000)")
     parser.add_argument("--guidance", type=_finite, default=5.0, help="classifier-free guidance scale (1 turns it off)")
@@ -89,7 +89,7 @@ def cmd_maps(args: argparse.Namespace) -> None:
     from pipelines.maps import generate_with_maps, write_maps
 
     pipe = load_pipeline(args.model)
-    settings = GenerationSettings(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    settings = GenerationSettings(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
     words = _words(args.words) or None
     image, maps = generate_with_maps(pipe, settings, words)
     for path in write_maps(Path(args.out), image, maps, settings.metadata(model_label(args.model))):
@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("prompt")
     maps.add_argument("--words", help="comma-separated words or phrases (default: every word of the prompt)")
     _add_generation_options(maps)
+    maps.add_argument("--size", type=_whole(1, 2**20), help="image side in pixels (default: the model's own; at most 4x it)")
     maps.add_argument("--out", default="outputs/maps", help="folder for image.png, the overlays, grid.png and maps.npz")
     maps.set_defaults(run=cmd_maps)
 
@@ -353,14 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--steps", type=_whole(0, 100_000), default=0, help="training steps (default: the method's)")
     unlearn.add_argument("--lr", type=_finite, default=0.0, help="learning rate (default: the method's)")
     unlearn.add_argument("--seed", type=_whole(0, MAX_SEED // 2), default=0)
-    unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
+    unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; for maps also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
     unlearn.add_argument("--out", required=True, help="folder for the erasure file and the checkpoint a rerun resumes from")
     unlearn.set_defaults(run=cmd_unlearn)
 
     batch = commands.add_parser("batch", help="run a JOBS file (JSONL or YAML) of generate/maps/edit/compose/invert/erase-then-generate jobs")
     batch.add_argument("jobs", help="JSONL (one job per line) or YAML (a list of jobs)")
     batch.add_argument("--out", default="outputs/batch", help="folder for jobs/<id>/ and manifest.json; a rerun resumes it")
-    batch.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
+    batch.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; for maps also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
     batch.add_argument("--retry-failed", action="store_true", help="redo the jobs that failed in an earlier run")
     batch.add_argument("--batch-size", type=_whole(1, 256), default=8, help="generate jobs with the same settings per pipeline call")
     batch.set_defaults(run=cmd_batch)
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="the Gradio app: inspect, edit, real image, compose, erase")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=_whole(1, 65535), help="port (default: Gradio's, 7860 or the next free one)")
-    ui.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL); default: the embedded shapes model")
+    ui.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; for maps also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
     ui.set_defaults(run=cmd_ui)
 
     scene = commands.add_parser("scene", help="draw a scene of the shapes world, a picture the model never drew: a real image to edit")

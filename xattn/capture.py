@@ -24,6 +24,8 @@ class _Captured(Exception):
 class MapCapture(Controller):
     """Records, per UNet call, the head-mean cross-attention probabilities of every layer at `side`."""
 
+    joint = False
+
     def __init__(self, side: int) -> None:
         self.side = side
         self._probs: list[torch.Tensor] = []

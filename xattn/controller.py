@@ -17,7 +17,13 @@ from xattn.sites import Site
 
 
 class Controller:
-    """Does nothing: every layer runs fused SDPA. Subclasses override what they need."""
+    """Does nothing: every layer runs fused SDPA. Subclasses override what they need.
+
+    `joint`: whether `attend` understands joint sites (MM-DiT: one softmax over the image and text tokens that the
+    site's `image` and `text` slices locate); attach refuses a controller without it on such a denoiser.
+    """
+
+    joint = True
 
     def handles(self, site: Site) -> bool:
         """Whether `attend` computes this site's conditional rows (else the whole layer runs fused)."""
@@ -43,3 +49,35 @@ def explicit_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | 
     if mask is not None:
         scores = scores + mask.float()
     return scores.softmax(-1)
+
+
+def attention_and_logsumexp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output and each query's log-sum-exp of its scores over all keys (float32, (rows, heads, queries)).
+
+    On CPU both come from the one fused kernel that SDPA itself runs there, so the output is SDPA's to the bit and no
+    probability matrix is ever materialised; elsewhere SDPA gives the output and `logsumexp_scores` the rest.
+    """
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, attn_mask=mask, scale=scale)[:2]
+        return out, lse
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale), logsumexp_scores(query, key, mask, scale)
+
+
+def logsumexp_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """log sum_j exp(q_i k_j * scale + mask_ij) over all keys j, per query, in float32; `chunk` queries at a time, so
+    memory stays at chunk x keys per head."""
+    parts = []
+    for start in range(0, query.shape[2], chunk):
+        scores = (query[:, :, start : start + chunk].float() * scale) @ key.float().transpose(-1, -2)
+        if mask is not None:
+            scores = scores + (mask if mask.shape[-2] == 1 else mask[..., start : start + chunk, :]).float()
+        parts.append(scores.logsumexp(-1))
+    return torch.cat(parts, -1)
+
+
+def probs_block(query: torch.Tensor, key: torch.Tensor, logsumexp: torch.Tensor, scale: float) -> torch.Tensor:
+    """The softmax probabilities at these queries and keys only, (rows, heads, queries, keys), given the queries'
+    log-sum-exp over every key: a block of the full matrix, normalised over all keys as the model normalises it."""
+    scores = (query.float() * scale) @ key.float().transpose(-1, -2)
+    return scores.sub_(logsumexp[..., None]).exp_()  # in place: these blocks are the largest tensors tracing makes

@@ -17,10 +17,19 @@ import torch
 _FUSED = ("to_qkv", "to_kv", "to_added_qkv")
 
 
+def called_denoiser(target) -> torch.nn.Module:
+    """The module a pipeline calls to denoise (its UNet or transformer, `torch.compile`d or not), or `target` itself."""
+    for name in ("unet", "transformer"):
+        model = getattr(target, name, None)
+        if model is not None:
+            return model
+    return target
+
+
 def denoiser(target) -> torch.nn.Module:
-    """The UNet of a pipeline (or the UNet itself), unwrapped from `torch.compile`."""
-    unet = getattr(target, "unet", target)
-    return getattr(unet, "_orig_mod", unet)
+    """The denoiser of a pipeline (its UNet or transformer), or the denoiser itself, unwrapped from `torch.compile`."""
+    model = called_denoiser(target)
+    return getattr(model, "_orig_mod", model)
 
 
 def canonical_name(name: str) -> str:

@@ -17,10 +17,20 @@ import torch.nn.functional as F
 
 from xattn.controller import Controller
 from xattn.ip_adapter import image_attention, split_context
-from xattn.sites import Layer, Site, query_resolution
+from xattn.sites import Layer, Site
+
+
+def controlled(controller: Controller, state, site: Site, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention output (batch, heads, queries, head_dim): the controller's where it handles the site, else fused SDPA."""
+    if controller.handles(site):
+        return controller.attend_batch(site, query, key, value, mask, state.layout.cond(query.shape[0]))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
 class XAttnProcessor:
+    """A UNet's or a DiT's `Attention` layer (self or cross) as its stock processor computes it, plus a controller."""
+
     def __init__(self, layer: Layer, controller: Controller, state, fused: bool = False, image_branch=None) -> None:
         self.layer = layer
         self.controller = controller
@@ -68,11 +78,8 @@ class XAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        site = Site(self.layer, query_resolution(self.state.latent, query.shape[2]), self.state.step, attn.scale)
-        if self.controller.handles(site):
-            hidden_states = self.controller.attend_batch(site, query, key, value, attention_mask, self.state.layout.cond(query.shape[0]))
-        else:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        site = Site(self.layer, self.state.grid(query.shape[2]), self.state.step, attn.scale)
+        hidden_states = controlled(self.controller, self.state, site, query, key, value, attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         if images is not None:

@@ -26,6 +26,8 @@ class ConceptAttention(Controller):
     columns: (rows, tokens) boolean, True at each row's concept tokens.
     """
 
+    joint = False
+
     def __init__(self, columns: torch.Tensor) -> None:
         self.columns = columns
         self.squares: list[torch.Tensor] = []

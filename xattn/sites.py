@@ -1,8 +1,9 @@
 """Where an attention call happens: the layer, its query resolution and the denoising step; and the batch layout.
 
-The step and the latent size come from the UNet call itself (a forward pre-hook sees the latents
-and the timestep), never from counting attention calls, so extra UNet calls (guidance losses,
-split classifier-free guidance) or skipped layers cannot desynchronise them.
+The step and the latent size come from the denoiser's call itself (a forward pre-hook sees the latents
+and the timestep), never from counting attention calls, so extra denoiser calls (guidance losses,
+split classifier-free guidance) or skipped layers cannot desynchronise them. What each family of
+denoiser says about its layers and calls is in `xattn.families`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Layer:
-    """A UNet attention layer: its name (without `.processor`), self or cross, and place (down/mid/up)."""
+    """An attention layer: its name (without `.processor`), kind (self, cross, or joint: one softmax over image and text
+    tokens), place (a UNet's down/mid/up; a transformer's "transformer" or Flux's "single" blocks), the block's index
+    there, and for joint attention its stream: "double" (text and image each in their own stream) or "single"."""
 
     name: str
     kind: str
     place: str
-
-
-def layer_of(processor_key: str) -> Layer:
-    """The Layer for a key of `unet.attn_processors`, e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor`."""
-    name = processor_key.removesuffix(".processor")
-    kind = "cross" if name.endswith("attn2") else "self"
-    place = "mid" if name.startswith("mid_block") else "down" if name.startswith("down_blocks") else "up"
-    return Layer(name, kind, place)
+    block: int = 0
+    stream: str | None = None
 
 
 def denoising_steps(timesteps) -> list[int]:
@@ -53,44 +50,6 @@ def query_resolution(latent: tuple[int, int], queries: int) -> tuple[int, int]:
     if h * w != queries:
         raise ValueError(f"{queries} attention queries match no level of a UNet with a {latent[0]}x{latent[1]} latent")
     return h, w
-
-
-def _down_levels(unet, latent: tuple[int, int]) -> list[tuple[str, tuple[int, int]]]:
-    """Each down block's type and query grid at this latent size (a stride-2 convolution between levels rounds up)."""
-    levels, grid = [], tuple(latent)
-    for block in unet.config.down_block_types:
-        levels.append((block, grid))
-        grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
-    return levels
-
-
-def cross_grids(unet, latent: tuple[int, int]) -> list[tuple[int, int]]:
-    """The (h, w) query grids of the UNet's cross-attention layers at this latent size, smallest first."""
-    levels = _down_levels(unet, latent)
-    grids = {grid for block, grid in levels if "CrossAttn" in block}
-    if "CrossAttn" in (unet.config.mid_block_type or ""):
-        grids.add(levels[-1][1])  # the mid block works at the last level's grid
-    return sorted(grids)
-
-
-def cross_resolutions(unet, latent: tuple[int, int]) -> list[int]:
-    """Sides (the longer one) of the query grids of the UNet's cross-attention layers at this latent size."""
-    return sorted({max(grid) for grid in cross_grids(unet, latent)})
-
-
-def layout_side(unet, latent: tuple[int, int]) -> int:
-    """The cross-attention side of the UNet's deepest level outside the mid block: where the papers read
-    their 16x16 maps on SD 1.x at 512 px (64, 32, 16, then the 8x8 mid block). It follows the UNet
-    and the image: 24 for SD 2.x at 768 px, 32 for SDXL at 1024 px, 8 for the embedded model at
-    64 px. A UNet with cross-attention only in its mid block has that side."""
-    sides = [max(grid) for block, grid in _down_levels(unet, latent) if "CrossAttn" in block]
-    return min(sides) if sides else min(cross_resolutions(unet, latent))
-
-
-def nearest_cross_side(unet, latent: tuple[int, int], wanted: int) -> int:
-    """The cross-attention side nearest `wanted` (ties to the larger): 16 is the papers' at 512 px, and other
-    sizes and UNets have their own sides."""
-    return min(cross_resolutions(unet, latent), key=lambda s: (abs(s - wanted), -s))
 
 
 @dataclass(frozen=True)
@@ -125,12 +84,15 @@ class BatchLayout:
 
 @dataclass(frozen=True)
 class Site:
-    """One attention call: the layer, its query grid, the denoising step and the softmax scale."""
+    """One attention call: the layer, its query grid, the denoising step and the softmax scale; in joint attention,
+    where the image and the text tokens lie in its sequence (of queries and of keys alike)."""
 
     layer: Layer
     resolution: tuple[int, int]
     step: int
     scale: float
+    image: slice | None = None
+    text: slice | None = None
 
     @property
     def name(self) -> str:
@@ -143,3 +105,11 @@ class Site:
     @property
     def place(self) -> str:
         return self.layer.place
+
+    @property
+    def block(self) -> int:
+        return self.layer.block
+
+    @property
+    def stream(self) -> str | None:
+        return self.layer.stream

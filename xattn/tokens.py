@@ -4,7 +4,9 @@ Lookup is by word, never by token index: case-insensitive, punctuation-aware (a 
 of letters and digits, so "cat's" holds the words "cat" and "s"), a word that the tokenizer
 splits into several tokens maps to all of them, a phrase ("red circle") to all tokens of its
 words, and a repeated word to each occurrence or to the one asked for. Index 0 is the
-start-of-text token, as in the encoder's output and the attention maps.
+start-of-text token, as in the encoder's output and the attention maps. A sentencepiece tokenizer's
+(T5's) pieces carry their spaces as "▁", which the offsets leave out, so its words are found alike. A
+pipeline whose denoiser reads several text streams (SD3: CLIP, then T5) has a word at all its positions.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+
+from xattn.families import text_streams
 
 WORD = re.compile(r"[^\W_]+")
 
@@ -40,16 +44,11 @@ def prompt_words(tokenizer, prompt: str) -> list[Word]:
     return words
 
 
-def word_tokens(tokenizer, prompt: str, word: str, occurrence: int | None = None) -> list[int]:
-    """Token indices of `word` (a word or phrase) in `prompt`: every occurrence, or the `occurrence`-th (0-based).
-
-    Raises ValueError naming the prompt's words when the word is not there, when the occurrence
-    does not exist, or when the word lies beyond the tokenizer's length limit.
-    """
+def _lookup(words: list[Word], prompt: str, word: str, occurrence: int | None, limit: str) -> list[int]:
+    """Token indices of `word` (a word or phrase) among `words` of `prompt`: every occurrence, or the `occurrence`-th."""
     wanted = [_normal(w) for w in WORD.findall(word)]
     if not wanted:
         raise ValueError(f"{word!r} holds no word to look up (letters or digits)")
-    words = prompt_words(tokenizer, prompt)
     normal = [_normal(w.text) for w in words]
     hits = [i for i in range(len(words) - len(wanted) + 1) if normal[i : i + len(wanted)] == wanted]
     if not hits:
@@ -61,31 +60,56 @@ def word_tokens(tokenizer, prompt: str, word: str, occurrence: int | None = None
         hits = [hits[occurrence]]
     tokens = sorted({t for i in hits for w in words[i : i + len(wanted)] for t in w.tokens})
     if not tokens or any(not w.tokens for i in hits for w in words[i : i + len(wanted)]):
-        raise ValueError(
-            f"{word!r} lies beyond the tokenizer's {tokenizer.model_max_length}-token limit in {prompt!r}; shorten the prompt"
-        )
+        raise ValueError(f"{word!r} lies beyond the {limit} in {prompt!r}; shorten the prompt")
     return tokens
 
 
+def word_tokens(tokenizer, prompt: str, word: str, occurrence: int | None = None) -> list[int]:
+    """Token indices of `word` (a word or phrase) in `prompt`: every occurrence, or the `occurrence`-th (0-based).
+
+    Raises ValueError naming the prompt's words when the word is not there, when the occurrence
+    does not exist, or when the word lies beyond the tokenizer's length limit.
+    """
+    return _lookup(prompt_words(tokenizer, prompt), prompt, word, occurrence, f"tokenizer's {tokenizer.model_max_length}-token limit")
+
+
 def pipeline_tokenizers(pipe) -> list:
-    """The pipeline's tokenizers, first the one whose positions the maps are indexed by (SDXL's refiner has only tokenizer_2)."""
-    found = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    """The tokenizers whose positions index the pipeline's attention maps, first the one that names them."""
+    found = [t for stream in text_streams(pipe) for t in stream.tokenizers]
     if not found:
         raise ValueError(f"{type(pipe).__name__} has no tokenizer, so xattn cannot find a prompt's words in its attention")
     return found
 
 
 def pipeline_tokenizer(pipe):
-    """The tokenizer whose token positions index the pipeline's cross-attention maps."""
+    """The tokenizer whose token positions index the pipeline's cross-attention maps (on SD3, its CLIP positions)."""
     return pipeline_tokenizers(pipe)[0]
 
 
-def pipeline_word_tokens(pipe, prompt: str, word: str, occurrence: int | None = None) -> list[int]:
-    """Token indices of a word for a pipeline; with two text encoders (SDXL) both must agree."""
-    first, *others = pipeline_tokenizers(pipe)
-    tokens = word_tokens(first, prompt, word, occurrence)
+def _stream_words(stream, prompt: str) -> list[Word]:
+    first, *others = stream.tokenizers
+    words = prompt_words(first, prompt)
     for other in others:
-        found = word_tokens(other, prompt, word, occurrence)
-        if found != tokens:
-            raise ValueError(f"the two tokenizers place {word!r} at different tokens ({tokens} vs {found}); maps would disagree")
-    return tokens
+        for mine, theirs in zip(words, prompt_words(other, prompt)):
+            if mine.tokens != theirs.tokens:
+                raise ValueError(f"the pipeline's tokenizers place {mine.text!r} at different tokens ({list(mine.tokens)} vs "
+                                 f"{list(theirs.tokens)}); its maps would disagree")
+    return [Word(w.text, w.start, w.end, tuple(t + stream.offset for t in w.tokens)) for w in words]
+
+
+def pipeline_words(pipe, prompt: str) -> list[Word]:
+    """The prompt's words with their positions among the text tokens of the pipeline's attention: in every text stream
+    the denoiser reads (SD3: CLIP's 77 positions, then T5's), so a word's map covers all the tokens that carry it."""
+    streams = text_streams(pipe)
+    if not streams:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer, so xattn cannot find a prompt's words in its attention")
+    merged = _stream_words(streams[0], prompt)
+    for stream in streams[1:]:
+        merged = [Word(a.text, a.start, a.end, a.tokens + b.tokens) for a, b in zip(merged, _stream_words(stream, prompt))]
+    return merged
+
+
+def pipeline_word_tokens(pipe, prompt: str, word: str, occurrence: int | None = None) -> list[int]:
+    """Positions of a word among the text tokens of the pipeline's attention, in every stream that carries it."""
+    limits = " and ".join(f"{s.tokenizers[0].model_max_length}-token" for s in text_streams(pipe))
+    return _lookup(pipeline_words(pipe, prompt), prompt, word, occurrence, f"text encoders' {limits} limit")

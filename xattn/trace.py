@@ -10,7 +10,7 @@ Maps exist for every image of the batch (all prompts, all images per prompt), at
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -18,13 +18,14 @@ import torch
 
 from xattn.attach import CallState, attach
 from xattn import heatmap
+from xattn.concept_maps import ConceptStream, chosen_blocks, concept_embeddings
 from xattn.store import AttentionStore
-from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens, prompt_words
+from xattn.tokens import pipeline_word_tokens, pipeline_words
 
 
 class Trace:
-    def __init__(self, pipe, store: AttentionStore, state: CallState) -> None:
-        self.pipe, self.store, self.state = pipe, store, state
+    def __init__(self, pipe, store: AttentionStore, state: CallState, concepts: list[str] | None = None) -> None:
+        self.pipe, self.store, self.state, self.concepts = pipe, store, state, concepts or []
 
     @property
     def prompts(self) -> list[str | None]:
@@ -44,16 +45,27 @@ class Trace:
         steps: tuple[int, int] | None = None,
         heads: Iterable[int] | None = None,
         kind: str = "cross",
+        blocks: Iterable[int] | None = None,
+        streams: Iterable[str] | None = None,
     ) -> torch.Tensor:
-        """Mean attention map of every token for one image, (keys, H, W) at image size."""
+        """Mean attention map of every token for one image, (keys, H, W) at image size; the selection is the store's
+        (`AttentionStore.select`)."""
         if not self.store.sums:
             raise ValueError("nothing was recorded: call the pipeline inside the `with xattn.trace(pipe)` block")
         count = len(self.prompts)
         if not -count <= image < count:
             raise ValueError(f"image {image} does not exist; the traced call made {count} image(s)")
         row = image % count
-        selected = self.store.select(kind, resolutions, layers, steps, heads)
+        selected = self.store.select(kind, resolutions, layers, steps, heads, blocks, streams)
         return heatmap.aggregate([(key, sums[row : row + 1], n) for key, sums, n in selected], self.image_size())[0]
+
+    def concept_maps(self, image: int = 0, normalise: str = "minmax", **select) -> dict[str, np.ndarray]:
+        """One (H, W) ConceptAttention map per traced concept for one image (softmax over the concepts at each token,
+        before `normalise`)."""
+        if not self.concepts:
+            raise ValueError("no concepts were traced: trace(pipe, concepts=['circle', 'background', ...])")
+        maps = self.token_maps(image, kind="concept", **select)
+        return {name: heatmap.normalise(maps[i], normalise).numpy() for i, name in enumerate(self.concepts)}
 
     def word_maps(
         self,
@@ -76,7 +88,7 @@ class Trace:
                 f"image {image} was made from prompt_embeds, so its words are unknown: pass the text they encode, "
                 "word_maps(prompt='...'), or read token_maps(image) by token index"
             )
-        spoken = [w for w in prompt_words(pipeline_tokenizer(self.pipe), prompt) if w.tokens]
+        spoken = [w for w in pipeline_words(self.pipe, prompt) if w.tokens]
         if words is None:
             seen: dict[str, int] = {}
             chosen = []
@@ -86,15 +98,30 @@ class Trace:
                 chosen.append((label, list(word.tokens)))
         else:
             chosen = [(w, pipeline_word_tokens(self.pipe, prompt, w)) for w in words]
+        read = maps.shape[0]  # a stream's tokens past what the pipeline encoded (its max_sequence_length) were never seen
+        chosen = [(label, [t for t in tokens if t < read]) for label, tokens in chosen]
+        beyond = [label for label, tokens in chosen if not tokens]
+        if beyond:
+            raise ValueError(f"{', '.join(map(repr, beyond))} lies beyond the {read} text tokens the model read; shorten the prompt")
         if normalise == "tokens":
-            shares = heatmap.normalise(maps, "tokens", sorted({t for w in spoken for t in w.tokens}))
+            shares = heatmap.normalise(maps, "tokens", sorted({t for w in spoken for t in w.tokens if t < read}))
             return {label: shares[tokens].mean(0).numpy() for label, tokens in chosen}
         return {label: heatmap.normalise(maps[tokens].mean(0), normalise).numpy() for label, tokens in chosen}
 
 
 @contextmanager
-def trace(pipe, **store_options) -> Iterator[Trace]:
-    """Record attention during the pipeline calls inside the block; options go to AttentionStore."""
+def trace(pipe, concepts: Sequence[str] | None = None, concept_blocks: Sequence[int] | None = None, **store_options) -> Iterator[Trace]:
+    """Record attention during the pipeline calls inside the block; options go to AttentionStore.
+
+    `concepts` (SD3, Flux) also traces ConceptAttention maps of these words (`Trace.concept_maps`), at the
+    double-stream blocks `concept_blocks` (default: the last four).
+    """
     store = AttentionStore(**store_options)
-    with attach(pipe, store) as state:
-        yield Trace(pipe, store, state)
+    if not concepts:
+        with attach(pipe, store) as state:
+            yield Trace(pipe, store, state)
+        return
+    stream = ConceptStream(concept_embeddings(pipe, concepts), concepts, chosen_blocks(pipe, concept_blocks))
+    store.concepts = stream
+    with attach(pipe, store) as state, stream.installed(pipe, store, state):
+        yield Trace(pipe, store, state, list(concepts))
