@@ -6,7 +6,9 @@ Judge: exactness on rendered scenes, clean and with blur and colour noise like a
 Model (25 DDIM steps, guidance 5): how often the judge finds exactly the prompt's objects for one-,
 two- and three-object prompts, how often place words are honoured, and how often the
 cross-attention map of each shape word (xattn.trace: mean over layers, heads and steps of the
-conditional half, at image size) peaks inside the judged mask of its object.
+conditional half, at image size) peaks inside the judged mask of its object. On a model with joint
+attention (an SD3-format model of the world: `--model runs/mmdit`) also how often the ConceptAttention map of
+each shape (concepts: the three shapes and "background") peaks inside an object of that shape.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import xattn
 from pipelines.loading import load_pipeline
 from shapes.judge import match_caption
 from shapes.scenes import COLOURS, RELATIONS, SHAPES, Layout, Thing, caption_of, make_scene, parse_caption
-from xattn.tokens import word_tokens
+from xattn.families import family_of
+from xattn.tokens import pipeline_word_tokens
+
+CONCEPTS = [*SHAPES, "background"]
 
 
 def prompt_sets(seeds: int) -> dict[str, list[str]]:
@@ -55,23 +60,28 @@ def prompt_sets(seeds: int) -> dict[str, list[str]]:
     }
 
 
-def run_model(model: str | None, seeds: int, batch: int) -> dict:
+def run_model(model: str | None, seeds: int, batch: int, rows_wanted: list[str] | None = None) -> dict:
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
+    joint = family_of(pipe).joint
     rows = {}
     for name, prompts in prompt_sets(seeds).items():
-        exact, placement, peaks, began = [], [], [], time.time()
+        if rows_wanted and name not in rows_wanted:
+            continue
+        exact, placement, peaks, concept_peaks, began = [], [], [], [], time.time()
         for start in range(0, len(prompts), batch):
             chunk = prompts[start : start + batch]
             generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-            with xattn.trace(pipe) as tc:
+            with xattn.trace(pipe, concepts=CONCEPTS if joint else None) as tc:
                 images = pipe(chunk, num_inference_steps=25, guidance_scale=5.0, generator=generators, output_type="np").images
             for i, (prompt, image) in enumerate(zip(chunk, images)):
                 verdict = match_caption(np.rint(image * 255), prompt)
                 exact.append(verdict.exact)
                 if verdict.placement is not None:
                     placement.append(verdict.placement)
-                peaks.extend(_shape_word_peaks(pipe.tokenizer, prompt, tc.token_maps(image=i), verdict))
+                peaks.extend(_shape_word_peaks(pipe, prompt, tc.token_maps(image=i), verdict))
+                if joint:
+                    concept_peaks.extend(_concept_peaks(tc.concept_maps(image=i, normalise="none"), prompt, verdict))
         rows[name] = {
             "prompts": len(prompts),
             "exact": float(np.mean(exact)),
@@ -79,13 +89,14 @@ def run_model(model: str | None, seeds: int, batch: int) -> dict:
             "placement_n": len(placement),
             "shape_word_peak_in_object": float(np.mean(peaks)) if peaks else None,
             "objects_probed": len(peaks),
+            **({"concept_peak_in_object": float(np.mean(concept_peaks)), "concepts_probed": len(concept_peaks)} if concept_peaks else {}),
             "seconds_per_image": (time.time() - began) / len(prompts),
         }
         print(name, rows[name], flush=True)
     return rows
 
 
-def _shape_word_peaks(tokenizer, prompt: str, maps: torch.Tensor, verdict) -> list[bool]:
+def _shape_word_peaks(pipe, prompt: str, maps: torch.Tensor, verdict) -> list[bool]:
     """For each prompt object the judge found, does its shape word's map peak inside it?"""
     found = {f"{o.colour} {o.shape}": o for o in verdict.found if o.shape}
     results, occurrences = [], {}
@@ -94,8 +105,20 @@ def _shape_word_peaks(tokenizer, prompt: str, maps: torch.Tensor, verdict) -> li
         obj = found.get(str(thing))
         if obj is None:
             continue
-        heat = maps[word_tokens(tokenizer, prompt, thing.shape, occurrence)].mean(0)
+        heat = maps[pipeline_word_tokens(pipe, prompt, thing.shape, occurrence)].mean(0)
         results.append(bool(obj.mask[np.unravel_index(int(heat.argmax()), heat.shape)]))
+    return results
+
+
+def _concept_peaks(maps: dict[str, np.ndarray], prompt: str, verdict) -> list[bool]:
+    """For each shape of the prompt the judge found, does its concept map peak inside an object of that shape?"""
+    found = {f"{o.colour} {o.shape}": o for o in verdict.found if o.shape}
+    results = []
+    for shape in dict.fromkeys(thing.shape for thing in parse_caption(prompt).things):
+        masks = [found[str(t)].mask for t in parse_caption(prompt).things if t.shape == shape and str(t) in found]
+        if masks:
+            heat = maps[shape]
+            results.append(bool(np.logical_or.reduce(masks)[np.unravel_index(int(heat.argmax()), heat.shape)]))
     return results
 
 
@@ -116,12 +139,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=200)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--model")
+    parser.add_argument("--rows", help="comma-separated rows to measure (default: one object, two objects, three objects, placement)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes_quality.json"))
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     results = {"judge": run_judge(1000)}
     print("judge", results["judge"], flush=True)
-    results["model"] = run_model(args.model, args.seeds, args.batch)
+    results["model"] = run_model(args.model, args.seeds, args.batch, args.rows.split(",") if args.rows else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -38,11 +39,21 @@ def resolve_model(model: str | Path | None) -> str:
     return text
 
 
+def absent_components(source: str) -> dict[str, None]:
+    """The components a local folder's model_index.json lists as null (SD3 saved without T5: `text_encoder_3`,
+    `tokenizer_3`), to pass as None: diffusers refuses to load such a folder without them named."""
+    index = Path(source) / "model_index.json"
+    if not index.exists():
+        return {}
+    listed = json.loads(index.read_text())
+    return {name: None for name, value in listed.items() if isinstance(value, list) and value == [None, None]}
+
+
 def load_pipeline(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | None = None) -> DiffusionPipeline:
     """A ready pipeline with its progress bar on stderr; the right class (SD or SDXL) comes from the folder."""
     source = resolve_model(model)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **absent_components(source))
     except OSError as error:
         raise OSError(f"could not load model {source!r}: {error}. Without network only local folders load.") from error
     if device:

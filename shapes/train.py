@@ -352,6 +352,66 @@ def optimizer_state_of(weights: Path, optimizer: Path) -> dict:
     )
 
 
+def resume(modules: torch.nn.Module, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer, ckpt: Path) -> int:
+    """Load a checkpoint's weights, moving averages, optimizer and random state (its optimizer state beside it in
+    optimizer.pt); the step to go on from, 0 when there is none."""
+    if not ckpt.exists():
+        return 0
+    saved = load_file(str(ckpt))
+    modules.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+    for name, value in saved.items():
+        if name.startswith("ema."):
+            ema[name[4:]].copy_(value)
+    state = optimizer_state_of(ckpt, ckpt.parent / "optimizer.pt")
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def save_checkpoint(modules: torch.nn.Module, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int, ckpt: Path) -> None:
+    """The two-file checkpoint `optimizer_state_of` reads back: optimizer state pending, weights atomically, then the rename."""
+    state = {f"model.{k}": v for k, v in modules.state_dict().items()} | {f"ema.{k}": v for k, v in ema.items()}
+    pending = ckpt.parent / "optimizer.pt.tmp"
+    torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step}, pending)
+    save_atomic(state, ckpt, {"step": str(step)})
+    os.replace(pending, ckpt.parent / "optimizer.pt")
+
+
+def update(modules: torch.nn.Module, opt: torch.optim.Optimizer, ema: list[torch.Tensor], params: list[torch.Tensor],
+           loss: torch.Tensor, step: int, settings: Settings) -> float:
+    """One optimiser step at the scheduled rate (gradients clipped to norm 1), then the moving averages (copies of the
+    weights until the warm-up ends); the rate."""
+    lr = learning_rate(step, settings)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, params, 1.0 if step < settings.warmup else 1 - settings.ema_decay)
+    return lr
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """`out` becomes the fully written folder `tmp`."""
+    if out.exists():
+        for path in sorted(out.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults, out: str) -> None:
+    """The trainers' command line: folders, tokenizer sources, and one option per setting."""
+    parser.add_argument("--out", type=Path, default=Path(out), help="diffusers folder to write")
+    parser.add_argument("--work", type=Path, default=Path("runs/shapes"), help="checkpoints and caches (resume from here)")
+    parser.add_argument("--wheel", type=Path, help="open_clip_torch wheel for the tokenizer (downloaded when absent)")
+    parser.add_argument("--tokenizer", type=Path, help="an already built CLIP tokenizer folder (e.g. shapes/model/tokenizer)")
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+
+
 def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor], scaling: float, tokenizer: CLIPTokenizer):
     """Stage 3: UNet + text encoder with attention supervision and word identity; returns the EMA-weighted modules.
 
@@ -376,17 +436,7 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
     ema = {k: v.detach().clone() for k, v in params.items()}
     ema_list, param_list = list(ema.values()), list(params.values())
     ckpt = work / "denoiser.safetensors"
-    start = 0
-    if ckpt.exists():
-        saved = load_file(str(ckpt))
-        modules.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
-        for name, value in saved.items():
-            if name.startswith("ema."):
-                ema[name[4:]].copy_(value)
-        opt_state = optimizer_state_of(ckpt, work / "optimizer.pt")
-        opt.load_state_dict(opt_state["optimizer"])
-        torch.set_rng_state(opt_state["rng"])
-        start = int(opt_state["step"])
+    start = resume(modules, ema, opt, ckpt)
 
     def losses(noisy, t, ids, velocity, masks, words, objects):
         sink.clear()
@@ -413,24 +463,13 @@ def train_denoiser(settings: Settings, work: Path, data: dict[str, torch.Tensor]
         objects = (data["valid"][index] & ~dropped[:, None, None]).float()
         denoise, attend, pixels, naming = losses(noisy, t, ids, scheduler.get_velocity(latents, noise, t), data["masks"][index], data["words"][index], objects)
         loss = denoise + settings.attention_weight * attend + settings.pixel_weight * pixels + settings.identity_weight * naming
-        lr = learning_rate(step, settings)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_list, param_list, 1.0 if step < settings.warmup else 1 - settings.ema_decay)
+        lr = update(modules, opt, ema_list, param_list, loss, step, settings)
         if step % 50 == 0:
             log.write(json.dumps({"step": step, "denoise": denoise.item(), "attention": attend.item(), "pixels": pixels.item(), "identity": naming.item(), "lr": lr, "seconds": time.time() - began}) + "\n")
             log.flush()
             bar.set_postfix(denoise=f"{denoise.item():.4f}", attention=f"{attend.item():.3f}", pixels=f"{pixels.item():.3f}", identity=f"{naming.item():.3f}")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            state = {f"model.{k}": v for k, v in modules.state_dict().items()} | {f"ema.{k}": v for k, v in ema.items()}
-            torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step + 1}, work / "optimizer.pt.tmp")
-            save_atomic(state, ckpt, {"step": str(step + 1)})
-            os.replace(work / "optimizer.pt.tmp", work / "optimizer.pt")
+            save_checkpoint(modules, ema, opt, step + 1, ckpt)
     log.close()
     unet.set_attn_processor(dict(stock))
     with torch.no_grad():
@@ -461,11 +500,7 @@ def export(out: Path, vae, unet, text_encoder, tokenizer: CLIPTokenizer, scaling
     unet.half(), vae.half()
     pipe.save_pretrained(tmp, safe_serialization=True)
     unet.float(), vae.float()
-    if out.exists():
-        for path in sorted(out.rglob("*"), reverse=True):
-            path.unlink() if path.is_file() else path.rmdir()
-        out.rmdir()
-    os.replace(tmp, out)
+    replace_folder(tmp, out)
 
 
 def load_tokenizer(work: Path, wheel: Path | None, built: Path | None) -> CLIPTokenizer:
@@ -481,12 +516,7 @@ def load_tokenizer(work: Path, wheel: Path | None, built: Path | None) -> CLIPTo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/model"), help="diffusers folder to write (the shipped one: shapes/model)")
-    parser.add_argument("--work", type=Path, default=Path("runs/shapes"), help="checkpoints and caches (resume from here)")
-    parser.add_argument("--wheel", type=Path, help="open_clip_torch wheel for the tokenizer (downloaded when absent)")
-    parser.add_argument("--tokenizer", type=Path, help="an already built CLIP tokenizer folder (e.g. shapes/model/tokenizer)")
-    for name, value in asdict(Settings()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    add_arguments(parser, Settings(), "runs/model")
     args = parser.parse_args(argv)
     settings = Settings(**{k: getattr(args, k) for k in asdict(Settings())})
     work = args.work / f"v{RECIPE}-{settings.digest()}"

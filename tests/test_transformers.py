@@ -267,3 +267,4 @@ def test_a_concept_stream_of_the_prompts_own_tokens_is_the_text_stream(name):
         hook.remove()
     compared = [(t, s) for t, s in zip(texts, streams) if t is not None]  # SD3's last block returns no text stream
     assert len(compared) >= 2 and all(torch.allclose(t, s, atol=1e-4) for t, s in compared)
+
