@@ -111,7 +111,8 @@ class ConceptStream:
         called = called_denoiser(pipe)
 
         def begin(module, args, kwargs):
-            rows = state.layout.cond(state.rows).stop - state.layout.cond(state.rows).start
+            cond = state.layout.cond(state.rows)
+            rows = cond.stop - cond.start
             embedded = model.context_embedder(self.embeds.to(model.context_embedder.weight))
             self.stream, self.kept = embedded[None].expand(rows, -1, -1), {}
 

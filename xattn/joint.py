@@ -51,7 +51,7 @@ class SD3Processor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         images = hidden_states.shape[1]
-        site = Site(self.layer, self.state.grid(images), self.state.step, attn.scale)
+        image_slice = text_slice = None
         if encoder_hidden_states is not None:
             context_query, context_key, context_value = (_heads(t, attn.heads) for t in _projections(attn, encoder_hidden_states, True, self.fused))
             if attn.norm_added_q is not None:
@@ -61,7 +61,8 @@ class SD3Processor:
             query = torch.cat([query, context_query], dim=2)
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
-            site = Site(self.layer, site.resolution, site.step, site.scale, slice(0, images), slice(images, key.shape[2]))
+            image_slice, text_slice = slice(0, images), slice(images, key.shape[2])
+        site = Site(self.layer, self.state.grid(images), self.state.step, attn.scale, image_slice, text_slice)
         out = _merge(controlled(self.controller, self.state, site, query, key, value, attention_mask)).to(query.dtype)
         if encoder_hidden_states is None:
             return attn.to_out[1](attn.to_out[0](out))

@@ -11,7 +11,7 @@ Maps exist for every image of the batch (all prompts, all images per prompt), at
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -117,11 +117,7 @@ def trace(pipe, concepts: Sequence[str] | None = None, concept_blocks: Sequence[
     double-stream blocks `concept_blocks` (default: the last four).
     """
     store = AttentionStore(**store_options)
-    if not concepts:
-        with attach(pipe, store) as state:
-            yield Trace(pipe, store, state)
-        return
-    stream = ConceptStream(concept_embeddings(pipe, concepts), concepts, chosen_blocks(pipe, concept_blocks))
-    store.concepts = stream
-    with attach(pipe, store) as state, stream.installed(pipe, store, state):
-        yield Trace(pipe, store, state, list(concepts))
+    if concepts:
+        store.concepts = ConceptStream(concept_embeddings(pipe, concepts), concepts, chosen_blocks(pipe, concept_blocks))
+    with attach(pipe, store) as state, (store.concepts.installed(pipe, store, state) if concepts else nullcontext()):
+        yield Trace(pipe, store, state, list(concepts or []))
