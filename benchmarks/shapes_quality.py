@@ -79,7 +79,7 @@ def run_model(model: str | None, seeds: int, batch: int, rows_wanted: list[str] 
                 exact.append(verdict.exact)
                 if verdict.placement is not None:
                     placement.append(verdict.placement)
-                peaks.extend(_shape_word_peaks(pipe, prompt, tc.token_maps(image=i), verdict))
+                peaks.extend(shape_word_peaks(pipe, prompt, tc.token_maps(image=i), verdict))
                 if joint:
                     concept_peaks.extend(_concept_peaks(tc.concept_maps(image=i, normalise="none"), prompt, verdict))
         rows[name] = {
@@ -96,7 +96,7 @@ def run_model(model: str | None, seeds: int, batch: int, rows_wanted: list[str] 
     return rows
 
 
-def _shape_word_peaks(pipe, prompt: str, maps: torch.Tensor, verdict) -> list[bool]:
+def shape_word_peaks(pipe, prompt: str, maps: torch.Tensor, verdict) -> list[bool]:
     """For each prompt object the judge found, does its shape word's map peak inside it?"""
     found = {f"{o.colour} {o.shape}": o for o in verdict.found if o.shape}
     results, occurrences = [], {}

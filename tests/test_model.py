@@ -4,7 +4,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import xattn
-from benchmarks.shapes_quality import _shape_word_peaks, prompt_sets
+from benchmarks.shapes_quality import shape_word_peaks, prompt_sets
 from pipelines.loading import load_pipeline, resolve_model
 from shapes import COLOURS, MODEL_PATH, SHAPES, match_caption
 
@@ -58,7 +58,7 @@ def test_shape_word_maps_peak_inside_their_objects(pipe):
         images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=generators, output_type="np").images
     peaks = []
     for i, (prompt, image) in enumerate(zip(prompts, images)):
-        peaks += _shape_word_peaks(pipe.tokenizer, prompt, tc.token_maps(image=i), match_caption(np.rint(image * 255), prompt))
+        peaks += shape_word_peaks(pipe, prompt, tc.token_maps(image=i), match_caption(np.rint(image * 255), prompt))
     # an object covers about a tenth of the image, so a capture that lost the word-to-map link would
     # score near 0.1; issue 3's bar is 85 % (95 % on the 200 two-object seeds of benchmarks/RESULTS.md,
     # so about 4 standard errors of 60 objects above the bar)
