@@ -18,4 +18,4 @@ demo: $(STAMP)
 	$(BIN)/xattn demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -rs -n auto --dist loadfile --durations=30

@@ -2,7 +2,8 @@
 
 - self_limit: the largest self-attention query grid side that is injected. google: 16 at any
   image size (16 and 8 at 512 px on SD 1.x); None: a quarter of the latent's longer side, which
-  is the same 16 at 512 px and follows the image size.
+  is the same 16 at 512 px and follows the image size, or, on a denoiser with no self-attention that
+  coarse (a DiT's layers all work at its patch grid), its coarsest self-attention grid.
 - window_rows: fractions of the cross-attention windows count over `steps + 1` rows (google: its
   table has a row per PNDM call, 51 for 50 steps, so 0.8 of 25 steps is int(0.8 * 26) = 20) or
   over `steps`. Self-attention windows count over `steps` in both.
@@ -39,9 +40,10 @@ class Conventions:
         if self.self_limit is not None and self.self_limit < 1:
             raise ValueError(f"self_limit is a query grid side of at least 1, or None; got {self.self_limit}")
 
-    def self_side(self, latent: tuple[int, int]) -> int:
-        """The largest self-attention query grid side injected at this latent size."""
-        return self.self_limit if self.self_limit is not None else max(1, max(latent) // 4)
+    def self_side(self, latent: tuple[int, int], coarsest: int) -> int:
+        """The largest self-attention query grid side injected at this latent size, on a denoiser whose coarsest
+        self-attention grid has side `coarsest`."""
+        return self.self_limit if self.self_limit is not None else max(1, max(latent) // 4, coarsest)
 
     def window_span(self, steps: int) -> int:
         """What fractions of a cross-attention window are fractions of."""

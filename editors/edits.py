@@ -37,6 +37,17 @@ class CrossEdit:
         """The edit at one step: tokens with injected == 0 keep the target's own attention."""
         return CrossEdit(self.source * injected[None, :], self.own * injected + (1 - injected))
 
+    def over(self, tokens: int) -> CrossEdit:
+        """The edit on the `tokens` text tokens a layer attends over. Past those the pipeline encoded (PixArt's T5
+        tokenizer counts 512, its pipeline encodes 120) no token carries a word of the prompt; tokens past the edit's
+        own (SD3's zeros where T5 is absent) take the source's attention, as padding does."""
+        size = self.own.shape[0]
+        if tokens <= size:
+            return self if tokens == size else CrossEdit(self.source[:tokens, :tokens], self.own[:tokens])
+        source = torch.eye(tokens, dtype=self.source.dtype)
+        source[:size, :size] = self.source
+        return CrossEdit(source, torch.cat([self.own, self.own.new_zeros(tokens - size)]))
+
 
 def swap(mapper: torch.Tensor) -> CrossEdit:
     return CrossEdit(mapper, torch.zeros(mapper.shape[0]))

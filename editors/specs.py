@@ -11,6 +11,7 @@ import torch
 from editors.conventions import XATTN, Conventions
 from editors.edits import CrossEdit, refine, reweight, swap
 from xattn.align import refine_mapper, segments, swap_mapper
+from xattn.families import text_streams
 from xattn.tokens import word_tokens
 
 MAX_WEIGHT = 10.0  # a larger factor saturates the softmax: the image turns to garbage
@@ -54,6 +55,18 @@ class Reweight:
         for word, factor in self.weights.items():
             scale[word_tokens(tokenizer, target, word)] = float(factor)
         return reweight(scale, None if self.base is None else self.base.build(tokenizer, source, target, conventions))
+
+
+def pipeline_edit(pipe, spec: Swap | Refine | Reweight, source: str, target: str, conventions: Conventions = XATTN) -> CrossEdit:
+    """The edit over the text tokens of the pipeline's attention: each text stream's (SD3: its CLIP positions, then
+    T5's) built with that stream's tokenizer and placed at the stream's offset."""
+    parts = [(stream.offset, spec.build(stream.tokenizers[0], source, target, conventions)) for stream in text_streams(pipe)]
+    size = max(offset + part.own.shape[0] for offset, part in parts)
+    mapper, own = torch.eye(size), torch.zeros(size)
+    for offset, part in parts:
+        end = offset + part.own.shape[0]
+        mapper[offset:end, offset:end], own[offset:end] = part.source, part.own
+    return CrossEdit(mapper, own)
 
 
 def auto_edit(tokenizer, source: str, target: str) -> Swap | Refine:

@@ -1,4 +1,5 @@
-"""Prompt-to-Prompt on any diffusers SD 1.x/2.x/XL pipeline: one shared starting latent, edits as objects.
+"""Prompt-to-Prompt on any diffusers SD 1.x/2.x/XL, PixArt, SD3/SD3.5 or Flux pipeline: one shared starting latent,
+edits as objects.
 
     result = prompt_to_prompt(pipe, ["a red circle", "a red square"], seed=0)
     result.images[1]                     # the circle made a square, in the same place
@@ -22,14 +23,14 @@ from editors.blend import LocalBlend, blend_latents, user_region
 from editors.conventions import XATTN, Conventions
 from editors.p2p import BlendTokens, PromptToPrompt
 from editors.schedules import Window, token_schedule, window, word_windows
-from editors.specs import Refine, Reweight, Swap, auto_edit
+from editors.specs import Refine, Reweight, Swap, auto_edit, pipeline_edit
 from pipelines.conditioning import image_embeds, pipeline_image_embeds
 from pipelines.ddim import ddim_from, ddim_sampling
 from pipelines.generate import check_sampling, image_size
 from pipelines.inversion import Inversion
 from pipelines.stepping import Calls, with_callback
 from xattn.attach import attach
-from xattn.families import nearest_cross_side
+from xattn.families import cross_resolutions, has_joint_attention, joint_block_counts, nearest_cross_side, pipeline_latents, spatial_latents
 from xattn.store import AttentionStore
 from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens, word_tokens
 from xattn.trace import Trace
@@ -52,7 +53,7 @@ def _blend_tokens(pipe, prompts: list[str], spec: LocalBlend, latent: tuple[int,
     def tokens(prompt: str, words: Sequence[str]) -> tuple[int, ...]:
         return tuple(sorted({t for w in words for t in pipeline_word_tokens(pipe, prompt, w)}))
 
-    side = nearest_cross_side(pipe.unet, latent, spec.resolution)
+    side = nearest_cross_side(pipe, latent, spec.resolution)
     return BlendTokens(
         tokens(prompts[0], spec.source_words),
         tuple(tokens(p, spec.target_words) for p in prompts[1:]),
@@ -94,6 +95,8 @@ def prompt_to_prompt(
     inversion: Inversion | None = None,
     maps: bool = False,
     conventions: Conventions = XATTN,
+    joint_edit: str = "p2p",
+    joint_blocks: Mapping[str, Sequence[int]] | None = None,
     **call_options,
 ) -> EditResult:
     """Generate prompts[0] (the source) and edit it into prompts[1:] (the targets).
@@ -102,7 +105,7 @@ def prompt_to_prompt(
     counts match, refinement when the target adds words). cross_steps: the window of steps (or
     {word: window, "default": window}) in which targets take the source's cross-attention.
     self_steps: the window in which they take its self-attention, at query grids up to
-    self_resolution (default: the conventions', a quarter of the latent side: the paper's 16 at 512 px).
+    self_resolution (default: the conventions', a quarter of the latent side: the paper's 16 at 512 px; a DiT's patch grid).
     Every prompt starts from the same noise (seed), and a stochastic sampler draws the same noise
     for every prompt, so the source is plain generation of prompts[0] with that seed. With
     num_images_per_prompt=k, image j of every prompt starts from seed + j: k edits at once, the
@@ -113,6 +116,10 @@ def prompt_to_prompt(
     injected map P', not the one it would have drawn alone); this costs explicit probabilities
     in the cross-attention layers, as `xattn.trace` does.
     conventions: `editors.conventions.GOOGLE` reproduces google/prompt-to-prompt's code.
+    joint_edit: on MM-DiT joint attention (SD3, Flux), "p2p" edits the image x text block as above; "projection" is
+    Shin et al.'s edit (targets take the source's image queries and keys in the self_steps window, their own prompt
+    doing the rest), which takes no re-weighting. joint_blocks: the blocks either edits, per stream ({"double": [0, 1],
+    "single": range(10)} on Flux; SD3 has "double" only); default: all.
     Other keyword arguments go to the pipeline call (an img2img pipeline's image and strength, an
     IP-Adapter's ip_adapter_image(_embeds), which then conditions every prompt alike, ...).
     """
@@ -143,13 +150,20 @@ def prompt_to_prompt(
         edits = list(edit)
         if len(edits) != len(targets):
             raise ValueError(f"{len(edits)} edits for {len(targets)} target prompts; give one edit, or one per target")
-    cross = [e.build(tokenizer, prompts[0], t, conventions) for e, t in zip(edits, targets)]
+    if joint_edit == "projection":
+        if not has_joint_attention(pipe):
+            raise ValueError(f"joint_edit='projection' edits MM-DiT joint attention (SD3, Flux); {type(pipe).__name__}'s denoiser has none")
+        if any(isinstance(e, Reweight) for e in edits):
+            raise ValueError("re-weighting scales the attention map, which joint_edit='projection' does not edit; use joint_edit='p2p'")
+    if joint_blocks is not None:
+        _check_joint_blocks(pipe, joint_blocks)
+    cross = [pipeline_edit(pipe, e, prompts[0], t, conventions) for e, t in zip(edits, targets)]
     calls = Calls.planned(ddim_from(pipe.scheduler), steps) if inversion is not None else Calls.of_pipeline(pipe, steps, call_options)
     count = calls.count
     default, words = word_windows(cross_steps, count, span=conventions.window_span(count))
     schedules = torch.stack(
         [
-            token_schedule(default, {tuple(pipeline_word_tokens(pipe, t, w)): span for w, span in words.items()}, count, tokenizer.model_max_length)
+            token_schedule(default, {tuple(pipeline_word_tokens(pipe, t, w)): span for w, span in words.items()}, count, len(cross[0].own))
             for t in targets
         ]
     )
@@ -157,8 +171,8 @@ def prompt_to_prompt(
     tokens = _blend_tokens(pipe, prompts, blend, latent) if blend is not None and blend.mask is None else None
     blend_start = window(blend.start, count, "blend start")[1] if blend is not None else count
     store = AttentionStore() if maps else None
-    self_side = self_resolution or conventions.self_side(latent)
-    controller = PromptToPrompt(cross, schedules, self_window, self_side, tokens, explicit, store, images)
+    self_side = self_resolution or conventions.self_side(latent, min(cross_resolutions(pipe, latent)))
+    controller = PromptToPrompt(cross, schedules, self_window, self_side, tokens, explicit, store, images, joint_edit, joint_blocks)
 
     fixed_region = user_region(blend.mask, latent) if blend is not None and blend.mask is not None else None
     pictures = image_embeds(pipe, call_options.pop("ip_adapter_image", None), call_options.pop("ip_adapter_image_embeds", None))
@@ -172,7 +186,8 @@ def prompt_to_prompt(
         if blend is not None and calls.steps[call] >= blend_start and calls.settles(call):
             latents = changed.get("latents", tensors["latents"])
             region = fixed_region if fixed_region is not None else controller.blend_region(latent, blend.threshold, blend.subtract_threshold)
-            changed["latents"] = blend_latents(latents, region.to(latents.device), images)
+            spatial = blend_latents(spatial_latents(pipe, latents, latent), region.to(latents.device), images)
+            changed["latents"] = pipeline_latents(pipe, spatial)
         return changed
 
     if sampling is not None:
@@ -181,15 +196,24 @@ def prompt_to_prompt(
         call_options.setdefault("generator", [torch.Generator(device="cpu").manual_seed(seed + j) for _ in prompts for j in range(images)])
         if "height" in inspect.signature(pipe.__call__).parameters:
             call_options |= {"height": size[0], "width": size[1]}
-    if "negative_prompt_embeds" not in call_options:
+    if negative_prompt is not None and "negative_prompt_embeds" not in call_options:  # PixArt's default is "", not None
         call_options["negative_prompt"] = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-    call_options = with_callback(call_options, on_step_end if blend is not None or inversion is not None else None, ["latents", "prompt_embeds"])
+    call_options = with_callback(pipe, call_options, on_step_end if blend is not None or inversion is not None else None, ["latents", "prompt_embeds"])
     with attach(pipe, controller) as state, ddim_sampling(pipe) if inversion is not None else nullcontext():
         made = pipe(None if "prompt_embeds" in call_options else prompts, num_inference_steps=steps, guidance_scale=guidance,
                     num_images_per_prompt=images, output_type=output_type, **call_options).images
     if "prompt_embeds" in call_options:  # dpl's learnt embeddings: the pipeline saw no text, but the maps are the prompts' words
         state.layout = replace(state.layout, prompts=tuple(prompts))
     return EditResult(list(made), prompts, edits, Trace(pipe, store, state) if store is not None else None)
+
+
+def _check_joint_blocks(pipe: DiffusionPipeline, selected: Mapping[str, Sequence[int]]) -> None:
+    """Every stream and block of a joint_blocks selection exists in the denoiser, else the error lists what does."""
+    counts = joint_block_counts(pipe)
+    have = ", ".join(f"{stream}: 0-{n - 1}" for stream, n in counts.items()) or "none"
+    for stream, blocks in selected.items():
+        if stream not in counts or any(not 0 <= b < counts[stream] for b in blocks):
+            raise ValueError(f"joint_blocks {stream}: {list(blocks)} is not among {type(pipe).__name__}'s joint-attention blocks ({have})")
 
 
 def parse_window(text: str) -> Window:

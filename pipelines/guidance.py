@@ -411,5 +411,5 @@ def compose(
         start = guide(noise * sigma, 0, timesteps[0]) / sigma
         result = pipe(rows, num_inference_steps=steps, guidance_scale=guidance, height=size[0], width=size[1],
                       negative_prompt=[negative_prompt] * len(rows) if isinstance(negative_prompt, str) else negative_prompt,
-                      latents=start, generator=generators, output_type=output_type, **with_callback(call_options, on_step_end, ["latents"]))
+                      latents=start, generator=generators, output_type=output_type, **with_callback(pipe, call_options, on_step_end, ["latents"]))
     return Composition(list(result.images), rows, row_words, torch.stack(guide.step_maps), guide.losses)

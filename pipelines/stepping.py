@@ -25,9 +25,11 @@ class Calls:
     @classmethod
     def planned(cls, scheduler, steps: int, strength: float = 1.0) -> Calls:
         """The calls of `steps` steps with `scheduler` (read from a copy: the scheduler keeps its state); an
-        img2img pipeline runs only the last `strength` of them, as diffusers' `get_timesteps` cuts them."""
+        img2img pipeline runs only the last `strength` of them, as diffusers' `get_timesteps` cuts them. A flow-matching
+        scheduler that shifts its noise levels by the image size (Flux's) is probed unshifted: the shift moves the levels,
+        not their count or which calls share one."""
         probe = copy.deepcopy(scheduler)
-        probe.set_timesteps(steps)
+        probe.set_timesteps(steps, **({"mu": 0.0} if getattr(probe.config, "use_dynamic_shifting", False) else {}))
         start = steps - min(int(steps * strength), steps)
         timesteps = probe.timesteps[start * probe.order :]
         if len(timesteps) == 0:
@@ -55,10 +57,15 @@ class Calls:
         return call + 1 == len(self.steps) or self.begins(call + 1)
 
 
-def with_callback(call_options: dict, ours, inputs: list[str]) -> dict:
+def with_callback(pipe, call_options: dict, ours, inputs: list[str]) -> dict:
     """The pipeline call's options with `ours` as its step-end callback, followed by the caller's own if they gave
-    one (it sees the tensors as ours left them), and the tensor inputs both need."""
+    one (it sees the tensors as ours left them), and the tensor inputs both need.
+
+    A pipeline with only diffusers' older `callback(step, timestep, latents)` (PixArt-alpha's, which would ignore
+    `callback_on_step_end` without a word) gets ours there, changing the latents in place."""
     options = dict(call_options)
+    if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+        return _with_legacy_callback(pipe, options, ours)
     theirs = options.pop("callback_on_step_end", None)
     wanted = list(dict.fromkeys([*inputs, *options.pop("callback_on_step_end_tensor_inputs", [])]))
     if theirs is None:
@@ -69,3 +76,28 @@ def with_callback(call_options: dict, ours, inputs: list[str]) -> dict:
         return changed | (theirs(pipeline, call, timestep, tensors | changed) or {})
 
     return options | {"callback_on_step_end": both, "callback_on_step_end_tensor_inputs": wanted}
+
+
+def _with_legacy_callback(pipe, options: dict, ours) -> dict:
+    name = type(pipe).__name__
+    if "callback_on_step_end" in options:
+        raise ValueError(f"{name} takes no callback_on_step_end (it would ignore it); pass callback=fn(step, timestep, latents)")
+    if ours is None:
+        return options
+    if "callback" not in inspect.signature(pipe.__call__).parameters:
+        raise TypeError(f"{name} takes no step callback, so xattn cannot act between its steps (local blending, inversion)")
+    if options.get("callback_steps", 1) != 1 or pipe.scheduler.order != 1:
+        raise ValueError(f"{name} calls its step callback only every few denoiser calls (callback_steps, or a scheduler "
+                         "of order > 1); leave callback_steps at 1 and use a first-order scheduler")
+    theirs = options.pop("callback", None)
+
+    def legacy(call: int, timestep, latents) -> None:
+        changed = ours(pipe, call, timestep, {"latents": latents})
+        if set(changed) - {"latents"}:
+            raise ValueError(f"{name}'s step callback can change only the latents, not {sorted(set(changed) - {'latents'})}")
+        if "latents" in changed:
+            latents.copy_(changed["latents"])
+        if theirs is not None:
+            theirs(call, timestep, latents)
+
+    return options | {"callback": legacy}

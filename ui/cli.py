@@ -46,7 +46,7 @@ SEED = _whole(0, MAX_SEED)
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; for maps also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
+    parser.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; maps and edit also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the first image (image i uses seed+i)")
     parser.add_argument("--steps", type=_whole(1, 1000), default=25, help="denoising steps (at most the scheduler's training steps, 1000)")
     parser.add_argument("--guidance", type=_finite, default=5.0, help="classifier-free guidance scale (1 turns it off)")
@@ -119,7 +119,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     inversion = _invert(pipe, args, args.source) if args.image else None
     result = prompt_to_prompt(pipe, [args.source, args.target], edit, cross_steps=parse_window(args.cross_steps),
                               self_steps=parse_window(args.self_steps), blend=blend, steps=args.steps,
-                              guidance=args.guidance, seed=args.seed, inversion=inversion, maps=args.maps)
+                              guidance=args.guidance, seed=args.seed, inversion=inversion, maps=args.maps, joint_edit=args.joint_edit)
     meta = {"source": args.source, "target": args.target, "edit": describe(edit), "cross_steps": args.cross_steps,
             "self_steps": args.self_steps, "blend": ",".join(args.blend or []), "seed": args.seed, "steps": args.steps,
             "guidance": args.guidance, "model": model_label(args.model)}
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--cross-steps", default="0.8", help="cross-attention injection: fraction, step count, or start,end")
     edit.add_argument("--self-steps", default="0.4", help="self-attention injection: fraction, step count, or start,end")
     edit.add_argument("--maps", action="store_true", help="also write both images' word maps as the edit drew them (maps-source/, maps-target/)")
+    edit.add_argument("--joint-edit", default="p2p", choices=["p2p", "projection"],
+                      help="on SD3/Flux joint attention: p2p edits the image-text block; projection gives the target the "
+                           "source's image queries and keys within --self-steps (Shin et al. 2025)")
     _add_generation_options(edit)
     edit.add_argument("--image", help="edit this real image instead of generating SOURCE, which is then its caption")
     _add_inversion_options(edit)
@@ -354,14 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--steps", type=_whole(0, 100_000), default=0, help="training steps (default: the method's)")
     unlearn.add_argument("--lr", type=_finite, default=0.0, help="learning rate (default: the method's)")
     unlearn.add_argument("--seed", type=_whole(0, MAX_SEED // 2), default=0)
-    unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; for maps also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
+    unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; maps and edit also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
     unlearn.add_argument("--out", required=True, help="folder for the erasure file and the checkpoint a rerun resumes from")
     unlearn.set_defaults(run=cmd_unlearn)
 
     batch = commands.add_parser("batch", help="run a JOBS file (JSONL or YAML) of generate/maps/edit/compose/invert/erase-then-generate jobs")
     batch.add_argument("jobs", help="JSONL (one job per line) or YAML (a list of jobs)")
     batch.add_argument("--out", default="outputs/batch", help="folder for jobs/<id>/ and manifest.json; a rerun resumes it")
-    batch.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; for maps also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
+    batch.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; maps and edit also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
     batch.add_argument("--retry-failed", action="store_true", help="redo the jobs that failed in an earlier run")
     batch.add_argument("--batch-size", type=_whole(1, 256), default=8, help="generate jobs with the same settings per pipeline call")
     batch.set_defaults(run=cmd_batch)
@@ -369,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="the Gradio app: inspect, edit, real image, compose, erase")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=_whole(1, 65535), help="port (default: Gradio's, 7860 or the next free one)")
-    ui.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; for maps also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
+    ui.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; maps and edit also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
     ui.set_defaults(run=cmd_ui)
 
     scene = commands.add_parser("scene", help="draw a scene of the shapes world, a picture the model never drew: a real image to edit")

@@ -112,7 +112,7 @@ def attach(target, controller: Controller) -> Iterator[CallState]:
     family = family_of(model)
     if family.joint and not controller.joint:
         raise TypeError(f"{type(controller).__name__} works on cross-attention layers; {type(model).__name__} has joint "
-                        "(MM-DiT) attention, which it does not handle yet. Attention maps (xattn.trace) work there")
+                        "(MM-DiT) attention, which it does not handle yet. Attention maps (xattn.trace) and Prompt-to-Prompt work there")
     if getattr(model, _ATTACHED, False):
         raise RuntimeError("a controller is already attached to this denoiser; leave the first `with attach(...)` block before attaching another")
     layers = _attention_modules(model)

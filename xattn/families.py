@@ -90,6 +90,11 @@ def _unknown_processor(processor, key: str, known: tuple) -> TypeError:
 
 class UNet:
     joint = False
+    packs = False  # whether the pipeline's latents are packed into tokens (Flux's 2x2)
+
+    @staticmethod
+    def joint_blocks(model) -> dict[str, int]:
+        return {}
 
     @staticmethod
     def double_blocks(model) -> list:
@@ -160,6 +165,15 @@ class _Transformer:
     """What the transformer families share: one grid of image tokens, the patch grid of the latent."""
 
     joint = False
+    packs = False  # whether the pipeline's latents are packed into tokens (Flux's 2x2)
+
+    @classmethod
+    def joint_blocks(cls, model) -> dict[str, int]:
+        """Blocks of joint attention per stream: SD3's and Flux's double-stream blocks, Flux's single-stream ones."""
+        if not cls.joint:
+            return {}
+        single = getattr(model, "single_transformer_blocks", None)
+        return {"double": len(model.transformer_blocks)} | ({"single": len(single)} if single is not None else {})
 
     @classmethod
     def double_blocks(cls, model) -> list:
@@ -258,6 +272,7 @@ class Flux(_Transformer):
     (one sequence, text first); latents packed 2x2 into tokens, so the token grid is half the latent's."""
 
     joint = True
+    packs = True
 
     @staticmethod
     def patch(model) -> int:
@@ -339,6 +354,33 @@ def native_side(pipe) -> int:
 def side_multiple(pipe) -> int:
     """Image sides must be a multiple of this: the VAE's factor times the denoiser's own down-sampling."""
     return pipe.vae_scale_factor * family_of(pipe).latent_multiple(denoiser(pipe))
+
+
+def has_joint_attention(pipe) -> bool:
+    """Whether the pipeline's denoiser attends over image and text tokens in one softmax (SD3, Flux)."""
+    return family_of(pipe).joint
+
+
+def joint_block_counts(pipe) -> dict[str, int]:
+    """How many blocks of joint attention the denoiser has per stream ("double"; Flux's "single" too); {} for none."""
+    return family_of(pipe).joint_blocks(denoiser(pipe))
+
+
+def spatial_latents(pipe, latents: torch.Tensor, latent: tuple[int, int]) -> torch.Tensor:
+    """A pipeline's latents as (batch, channels, height, width) at this latent size: Flux's step-end latents come
+    packed, 2x2 latent pixels per token."""
+    if not family_of(pipe).packs:
+        return latents
+    (h, w), channels = latent, latents.shape[-1] // 4
+    return latents.view(latents.shape[0], h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, channels, h, w)
+
+
+def pipeline_latents(pipe, spatial: torch.Tensor) -> torch.Tensor:
+    """`spatial_latents` undone: the latents as the pipeline keeps them."""
+    if not family_of(pipe).packs:
+        return spatial
+    b, c, h, w = spatial.shape
+    return spatial.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def text_streams(pipe) -> list[TextStream]:
