@@ -10,6 +10,7 @@ from editors.specs import Refine, Reweight, Swap
 from pipelines.edit import prompt_to_prompt
 from tests.architectures import TRANSFORMERS
 from tests.test_cli import xattn as run_cli
+from ui.app import Handlers
 from xattn.families import spatial_latents
 
 FAMILIES = ["pixart", "sd3", "sd3-no-t5", "sd3.5", "flux"]
@@ -147,3 +148,10 @@ def test_joint_blocks_limit_the_edit_to_the_chosen_blocks():
     assert np.abs(some[1] - plain).max() > 1e-5 and np.abs(some[1] - images("flux", prompts, Swap())[1]).max() > 1e-5
     with pytest.raises(ValueError, match=r"double: 0-\d+, single: 0-\d+"):
         edit("flux", prompts, Swap(), joint_blocks={"double": [99]})
+
+
+def test_the_apps_edit_tab_takes_a_transformer_model():
+    handlers = Handlers(built("sd3"), "tiny")
+    sheet, gallery, said = handlers.edit("a red circle", "a red square", "auto", {}, "circle, square", "0.8", "0.4", 0, 2, 5.0)
+    assert said == "edit: replace (word swap)" and sheet.size[0] > sheet.size[1]
+    assert [label for _, label in gallery] == ["source: a", "source: red", "source: circle", "target: a", "target: red", "target: square"]
