@@ -64,8 +64,9 @@ def with_callback(pipe, call_options: dict, ours, inputs: list[str]) -> dict:
     A pipeline with only diffusers' older `callback(step, timestep, latents)` (PixArt-alpha's, which would ignore
     `callback_on_step_end` without a word) gets ours there, changing the latents in place."""
     options = dict(call_options)
-    if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
-        return _with_legacy_callback(pipe, options, ours)
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" not in params:
+        return _with_legacy_callback(pipe, options, ours, "callback" in params)
     theirs = options.pop("callback_on_step_end", None)
     wanted = list(dict.fromkeys([*inputs, *options.pop("callback_on_step_end_tensor_inputs", [])]))
     if theirs is None:
@@ -78,13 +79,13 @@ def with_callback(pipe, call_options: dict, ours, inputs: list[str]) -> dict:
     return options | {"callback_on_step_end": both, "callback_on_step_end_tensor_inputs": wanted}
 
 
-def _with_legacy_callback(pipe, options: dict, ours) -> dict:
+def _with_legacy_callback(pipe, options: dict, ours, has_callback: bool) -> dict:
     name = type(pipe).__name__
     if "callback_on_step_end" in options:
         raise ValueError(f"{name} takes no callback_on_step_end (it would ignore it); pass callback=fn(step, timestep, latents)")
     if ours is None:
         return options
-    if "callback" not in inspect.signature(pipe.__call__).parameters:
+    if not has_callback:
         raise TypeError(f"{name} takes no step callback, so xattn cannot act between its steps (local blending, inversion)")
     if options.get("callback_steps", 1) != 1 or pipe.scheduler.order != 1:
         raise ValueError(f"{name} calls its step callback only every few denoiser calls (callback_steps, or a scheduler "
