@@ -26,11 +26,11 @@ from PIL import Image
 from benchmarks.harness import write_json
 from benchmarks.inversion_quality import scenes
 from benchmarks.shapes_quality import prompt_sets
-from pipelines.conditioning import encode_text
 from pipelines.ddim import ddim_from, ddim_levels, guided_output
 from pipelines.images import image_to_latent, latent_to_image, psnr
 from pipelines.inversion import ddim_invert
 from pipelines.loading import load_pipeline
+from xattn.conditioning import encode_text
 
 STEPS = 25
 

@@ -28,7 +28,7 @@ from benchmarks.p2p_quality import find_object, psnr_outside
 from editors import LocalBlend, Swap
 from pipelines.edit import prompt_to_prompt
 from pipelines.images import image_to_latent, latent_to_image, psnr
-from pipelines.inversion import METHODS, invert, reconstruct
+from pipelines.inversion import DIFFUSION_METHODS, invert, reconstruct
 from pipelines.loading import load_pipeline
 from shapes import match_caption
 from shapes.scenes import caption_of, make_scene, swap_first_shape
@@ -89,7 +89,7 @@ def main() -> None:
     vae = [psnr(latent_to_image(pipe, image_to_latent(pipe, Image.fromarray(s.image))), s.image) for s in images]
     results = {"images": len(images), "median_vae_round_trip_psnr_db": float(np.median(vae)), "started": time.strftime("%Y-%m-%d %H:%M")}
     print(results, flush=True)
-    results |= {method: run_method(pipe, method, images) for method in METHODS}
+    results |= {method: run_method(pipe, method, images) for method in DIFFUSION_METHODS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 

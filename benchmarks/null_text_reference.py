@@ -33,11 +33,11 @@ from PIL import Image
 
 from benchmarks.inversion_quality import scenes
 from benchmarks.shapes_quality import prompt_sets
-from pipelines.conditioning import encode_text, unet_output
 from pipelines.ddim import ddim_from, ddim_levels
 from pipelines.images import image_to_latent, latent_to_image, psnr
 from pipelines.inversion import ddim_invert, invert, reconstruct
 from pipelines.loading import load_pipeline
+from xattn.conditioning import denoiser_output, encode_text
 
 GUIDANCE = 5.0
 Schedule = tuple[Callable[[int, int], float], Callable[[int, int], float]]  # (learning rate, early-stop bound) of step i of n
@@ -48,8 +48,8 @@ SCHEDULES: dict[str, Schedule] = {
 
 
 def guided(pipe, x, t, cond, null) -> torch.Tensor:
-    out_cond = unet_output(pipe, x, t, cond)
-    out_null = unet_output(pipe, x, t, cond.with_embeds(null))
+    out_cond = denoiser_output(pipe, x, t, cond)
+    out_null = denoiser_output(pipe, x, t, cond.with_embeds(null))
     return out_null + GUIDANCE * (out_cond - out_null)
 
 
@@ -66,9 +66,9 @@ def reference_inversion(pipe, image, caption: str, steps: int, schedule: Schedul
         optimiser = torch.optim.Adam([null], lr=rate(i, steps))
         target = latents[steps - 1 - i : steps - i]
         with torch.no_grad():
-            out_cond = unet_output(pipe, x, t, cond)
+            out_cond = denoiser_output(pipe, x, t, cond)
         for _ in range(10):
-            out_null = unet_output(pipe, x, t, uncond.with_embeds(null))
+            out_null = denoiser_output(pipe, x, t, uncond.with_embeds(null))
             step = scheduler.step(out_null + GUIDANCE * (out_cond - out_null), t, x).prev_sample
             loss = F.mse_loss(step, target)
             optimiser.zero_grad()

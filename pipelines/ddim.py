@@ -11,14 +11,12 @@ last level of zero signal (zero-terminal-SNR schedules), where the epsilon form 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
-from pipelines.conditioning import TextConditioning, unet_output
+from xattn.conditioning import TextConditioning, denoiser_output, distilled_guidance
 
 
 def ddim_coefficients(alpha_from: float, alpha_to: float, prediction: str) -> tuple[float, float]:
@@ -65,26 +63,15 @@ def ddim_from(scheduler) -> DDIMScheduler:
     return DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
 
 
-@contextmanager
-def ddim_sampling(pipe: DiffusionPipeline) -> Iterator[DDIMScheduler]:
-    """The pipeline samples with deterministic DDIM inside the block; its own scheduler comes back on exit.
-
-    Inverted latents redraw their image only under the sampler they were inverted for.
-    """
-    original = pipe.scheduler
-    pipe.scheduler = ddim_from(original)
-    try:
-        yield pipe.scheduler
-    finally:
-        pipe.scheduler = original
-
-
 def guided_output(pipe: DiffusionPipeline, latents: torch.Tensor, timestep, cond: TextConditioning, uncond: TextConditioning,
                   guidance: float) -> torch.Tensor:
-    """Classifier-free guided prediction, unconditional and conditional rows in one UNet call as the pipelines do."""
+    """Classifier-free guided prediction, unconditional and conditional rows in one denoiser call as the pipelines do;
+    a guidance-distilled denoiser (Flux-dev) takes the scale as an input instead, on the conditional rows alone."""
+    if distilled_guidance(pipe):
+        return denoiser_output(pipe, latents, timestep, cond, guidance=guidance)
     if guidance == 1:
-        return unet_output(pipe, latents, timestep, cond)
-    both = unet_output(pipe, torch.cat([latents, latents]), timestep, TextConditioning.stack(uncond, cond))
+        return denoiser_output(pipe, latents, timestep, cond)
+    both = denoiser_output(pipe, torch.cat([latents, latents]), timestep, TextConditioning.stack(uncond, cond))
     out_uncond, out_cond = both.chunk(2)
     return out_uncond + guidance * (out_cond - out_uncond)
 

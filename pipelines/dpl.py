@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
-from pipelines.conditioning import TextConditioning, is_sdxl, unet_output
 from pipelines.ddim import Level
 from xattn import losses
 from xattn.attach import attach
 from xattn.capture import MapCapture
 from xattn.clustering import BACKGROUND, regions
+from xattn.conditioning import TextConditioning, denoiser_output, is_sdxl
 from xattn.denoiser import frozen
 from xattn.families import cross_resolutions, layout_side
 from xattn.store import AttentionStore
@@ -212,7 +212,7 @@ def inversion_store(pipe: DiffusionPipeline, latent: tuple[int, int], side: int)
 def terms(maps: torch.Tensor, nouns: Nouns, background: torch.Tensor) -> torch.Tensor:
     """(L_at, L_dj, L_bg) of one row's (1, h, w, keys) cross-attention, as a (3,) tensor."""
     concepts = [[list(tokens) for tokens in nouns.tokens]]
-    shares = losses.smooth(losses.token_shares(maps, concepts, [maps.shape[-1] - 1]), losses.gaussian_kernel())
+    shares = losses.smooth(losses.token_shares(maps, concepts, [(1, -1)]), losses.gaussian_kernel())
     raw = losses.token_attention(maps, concepts)
     return torch.cat([losses.attend_excite_loss(shares), losses.disjoint_loss(raw), losses.background_loss(raw, background)])
 
@@ -238,7 +238,7 @@ def learn_step(
     updates = 0
     while updates < settings.inner_steps:
         embeds = encode_with(pipe, caption, nouns.positions, vectors)
-        maps = capture.run(lambda: unet_output(pipe, x, level.timestep, TextConditioning(embeds)))
+        maps = capture.run(lambda: denoiser_output(pipe, x, level.timestep, TextConditioning(embeds)))
         values = terms(maps.float(), nouns, background.to(maps.device))
         if bool((values.detach().cpu() < bounds).all()):
             break

@@ -24,13 +24,12 @@ from editors.conventions import XATTN, Conventions
 from editors.p2p import BlendTokens, PromptToPrompt
 from editors.schedules import Window, token_schedule, window, word_windows
 from editors.specs import Refine, Reweight, Swap, auto_edit, pipeline_edit
-from pipelines.conditioning import image_embeds, pipeline_image_embeds
-from pipelines.ddim import ddim_from, ddim_sampling
 from pipelines.generate import check_sampling, image_size
-from pipelines.inversion import Inversion
+from pipelines.inversion import Inversion, redraw_sampling, redraw_scheduler
 from pipelines.stepping import Calls, with_callback
 from xattn.attach import attach
-from xattn.families import cross_resolutions, has_joint_attention, joint_block_counts, nearest_cross_side, pipeline_latents, spatial_latents
+from xattn.conditioning import image_embeds, pipeline_image_embeds
+from xattn.families import check_joint_blocks, cross_resolutions, has_joint_attention, nearest_cross_side, pipeline_latents, spatial_latents
 from xattn.store import AttentionStore
 from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens, word_tokens
 from xattn.trace import Trace
@@ -111,7 +110,7 @@ def prompt_to_prompt(
     num_images_per_prompt=k, image j of every prompt starts from seed + j: k edits at once, the
     images in order [source 0..k-1, target 1's 0..k-1, ...], each as its own call would make it.
     inversion: edit a real image (`pipelines.inversion.invert`) instead of generating the source;
-    prompts[0] must be its caption, and sampling is DDIM from its inverted latent (seed unused).
+    prompts[0] must be its caption, and sampling is DDIM (a flow's Euler) from its inverted latent (seed unused).
     maps: also record every image's cross-attention maps, a target's as the edit made them (its
     injected map P', not the one it would have drawn alone); this costs explicit probabilities
     in the cross-attention layers, as `xattn.trace` does.
@@ -137,6 +136,9 @@ def prompt_to_prompt(
             raise ValueError(f"the image was inverted at {inversion.size[0]}x{inversion.size[1]}; leave out height and width")
         size = inversion.size
         inversion.check_prompts(prompts, steps, guidance, negative_prompt)
+        if blend is not None and inversion.method == "fireflow":
+            raise ValueError("local blending changes each step's latents, which FireFlow's sampler keeps to itself (the pipeline "
+                             "holds its midpoints); invert with method='direct' or 'euler' to blend")
     else:
         size = output_size(pipe, height, width, call_options)
     latent = (size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
@@ -156,9 +158,9 @@ def prompt_to_prompt(
         if any(isinstance(e, Reweight) for e in edits):
             raise ValueError("re-weighting scales the attention map, which joint_edit='projection' does not edit; use joint_edit='p2p'")
     if joint_blocks is not None:
-        _check_joint_blocks(pipe, joint_blocks)
+        check_joint_blocks(pipe, joint_blocks)
     cross = [pipeline_edit(pipe, e, prompts[0], t, conventions) for e, t in zip(edits, targets)]
-    calls = Calls.planned(ddim_from(pipe.scheduler), steps) if inversion is not None else Calls.of_pipeline(pipe, steps, call_options)
+    calls = Calls.planned(redraw_scheduler(pipe.scheduler, inversion.method), steps) if inversion is not None else Calls.of_pipeline(pipe, steps, call_options)
     count = calls.count
     default, words = word_windows(cross_steps, count, span=conventions.window_span(count))
     schedules = torch.stack(
@@ -199,21 +201,12 @@ def prompt_to_prompt(
     if negative_prompt is not None and "negative_prompt_embeds" not in call_options:  # PixArt's default is "", not None
         call_options["negative_prompt"] = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
     call_options = with_callback(pipe, call_options, on_step_end if blend is not None or inversion is not None else None, ["latents", "prompt_embeds"])
-    with attach(pipe, controller) as state, ddim_sampling(pipe) if inversion is not None else nullcontext():
+    with attach(pipe, controller) as state, redraw_sampling(pipe, inversion.method) if inversion is not None else nullcontext():
         made = pipe(None if "prompt_embeds" in call_options else prompts, num_inference_steps=steps, guidance_scale=guidance,
                     num_images_per_prompt=images, output_type=output_type, **call_options).images
     if "prompt_embeds" in call_options:  # dpl's learnt embeddings: the pipeline saw no text, but the maps are the prompts' words
         state.layout = replace(state.layout, prompts=tuple(prompts))
     return EditResult(list(made), prompts, edits, Trace(pipe, store, state) if store is not None else None)
-
-
-def _check_joint_blocks(pipe: DiffusionPipeline, selected: Mapping[str, Sequence[int]]) -> None:
-    """Every stream and block of a joint_blocks selection exists in the denoiser, else the error lists what does."""
-    counts = joint_block_counts(pipe)
-    have = ", ".join(f"{stream}: 0-{n - 1}" for stream, n in counts.items()) or "none"
-    for stream, blocks in selected.items():
-        if stream not in counts or any(not 0 <= b < counts[stream] for b in blocks):
-            raise ValueError(f"joint_blocks {stream}: {list(blocks)} is not among {type(pipe).__name__}'s joint-attention blocks ({have})")
 
 
 def parse_window(text: str) -> Window:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from pipelines.inversion_cache import model_fingerprint
 from shapes.train import save_atomic
-from xattn.denoiser import base_parameters, denoiser
+from xattn.denoiser import base_parameters, called_denoiser, denoiser
 
 FORMAT = "xattn-erasure/1"
 LARGEST_CHANGE = 100.0  # an erased tensor's largest value, in multiples of the base tensor's
@@ -70,14 +70,14 @@ def _refresh_fused(unet: torch.nn.Module, names) -> None:
 
 @dataclass
 class Erasure:
-    """An erasure applied to a pipeline's UNet; `remove()` puts the original tensors back."""
+    """An erasure applied to a pipeline's denoiser; `remove()` puts the original tensors back."""
 
-    unet: torch.nn.Module
+    model: torch.nn.Module
     originals: dict[str, torch.Tensor]
     metadata: dict[str, str]
 
     def remove(self) -> None:
-        _write(self.unet, self.originals)
+        _write(self.model, self.originals)
         self.originals = {}
 
     def __enter__(self) -> Erasure:
@@ -87,24 +87,24 @@ class Erasure:
         self.remove()
 
 
-def _write(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = base_parameters(unet)
+def _write(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = base_parameters(model)
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
-    _refresh_fused(denoiser(unet), tensors)
+    _refresh_fused(denoiser(model), tensors)
 
 
 def apply_erasure(pipe: DiffusionPipeline, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Erasure:
-    """Copy changed tensors (diffusers names) into `pipe.unet` in place, where the model reads them (a LoRA layer's base
+    """Copy changed tensors (diffusers names) into the pipeline's denoiser in place, where the model reads them (a LoRA layer's base
     weight, fused projections too); the Erasure puts the originals back. Every tensor is checked before any is written."""
     params = base_parameters(pipe)
     unknown = [n for n in tensors if n not in params]
     if unknown:
-        raise ValueError(f"the erasure changes tensors this UNet lacks: {unknown[:3]}; it was made for another architecture")
+        raise ValueError(f"the erasure changes tensors this denoiser lacks: {unknown[:3]}; it was made for another architecture")
     for name, value in tensors.items():
         if tuple(value.shape) != tuple(params[name].shape):
-            raise ValueError(f"the erasure's {name} is {tuple(value.shape)} but the UNet's is {tuple(params[name].shape)}; "
+            raise ValueError(f"the erasure's {name} is {tuple(value.shape)} but the denoiser's is {tuple(params[name].shape)}; "
                              "it was made for another model")
         if not value.is_floating_point():
             raise ValueError(f"the erasure's {name} is {str(value.dtype).removeprefix('torch.')}, not floating point; it is damaged "
@@ -113,19 +113,20 @@ def apply_erasure(pipe: DiffusionPipeline, tensors: dict[str, torch.Tensor], met
             raise ValueError(f"the erasure's {name} holds non-finite values; it is damaged: make it again")
         largest, usual = value.abs().max().item(), params[name].detach().abs().max().item()
         if largest > LARGEST_CHANGE * max(usual, 1e-3):
-            raise ValueError(f"the erasure's {name} holds values up to {largest:.3g} where the UNet's reach {usual:.3g}; no unlearning "
+            raise ValueError(f"the erasure's {name} holds values up to {largest:.3g} where the denoiser's reach {usual:.3g}; no unlearning "
                              "method moves weights that far, so it is damaged or hand-made: make it again with `xattn unlearn`")
     originals = {n: params[n].detach().clone() for n in tensors}
+    model = called_denoiser(pipe)
     try:
-        _write(pipe.unet, {n: value.to(params[n]) for n, value in tensors.items()})
+        _write(model, {n: value.to(params[n]) for n, value in tensors.items()})
     except BaseException:
-        _write(pipe.unet, originals)
+        _write(model, originals)
         raise
-    return Erasure(pipe.unet, originals, metadata or {})
+    return Erasure(model, originals, metadata or {})
 
 
 def load_erasure(pipe: DiffusionPipeline, path: Path | str) -> Erasure:
-    """Apply an erasure file to `pipe.unet` in place; refuses a file made for other base weights."""
+    """Apply an erasure file to the pipeline's denoiser in place; refuses a file made for other base weights."""
     metadata = read_metadata(path)
     found = model_fingerprint(pipe)
     if metadata["base"] != found:

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.conditioning import TextConditioning, encode_text, image_embeds, pipeline_image_embeds, unet_output, with_images
 from pipelines.generate import check_sampling, image_size
 from pipelines.stepping import Calls, with_callback
 from xattn import losses
 from xattn.attach import CallState, attach
 from xattn.capture import MapCapture
-from xattn.denoiser import frozen
-from xattn.families import cross_grids, layout_side, nearest_cross_side
+from xattn.conditioning import TextConditioning, denoiser_output, encode_text, image_embeds, pipeline_image_embeds, with_images
+from xattn.denoiser import denoiser, frozen
+from xattn.families import check_joint_blocks, cross_grids, latent_channels, layout_side, nearest_cross_side, pipeline_latents, spatial_latents
 from xattn.tokens import pipeline_tokenizer, pipeline_word_tokens
 
 METHODS = ("astar", "attend-excite", "none")
@@ -76,6 +76,11 @@ class GuidanceSettings:
     text_tokens: "all" runs the token softmax over every position but the first and last, as
     the authors' code does for SD 1.x and diffusers' A&E pipeline always does; "prompt" over the
     prompt's own tokens (the authors' SD 2.1 setting, which their issue #14 found converges better).
+    On SD3 "all" spans CLIP's 77 positions and T5's (zeros without T5); on T5 alone (Flux, PixArt), which has
+    no start-of-text, the softmax starts at the first token.
+    blocks: on MM-DiT joint attention (SD3, Flux), the blocks whose image x text block the losses read, per stream
+    ({"double": (10, 11)}; Flux's "single" too); None reads every joint block. Each read block computes explicit
+    probabilities over the joint sequence, in the autograd graph.
     """
 
     attend_excite: float = 0.0
@@ -94,6 +99,7 @@ class GuidanceSettings:
     mask_threshold: float = 0.5
     text_tokens: str = "all"
     maps: str = "peak"
+    blocks: Mapping[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if min(self.attend_excite, self.segregation, self.retention, self.placement) < 0:
@@ -161,13 +167,22 @@ class Composition:
         return torch.stack([losses.mean_overlap(m) for m in tail]).mean(0)
 
 
+def model_input_scale(scheduler, timestep, like: torch.Tensor) -> torch.Tensor:
+    """What the scheduler scales its latents by for the denoiser (1 / sqrt(sigma^2 + 1) for Euler-type samplers; 1 for
+    DDIM's and for a rectified flow's, whose latents are the denoiser's input)."""
+    one = torch.ones((), device=like.device, dtype=like.dtype)
+    return scheduler.scale_model_input(one, timestep) if hasattr(scheduler, "scale_model_input") else one
+
+
 class _Guide:
     """The per-step latent update; holds the previous step's maps for retention."""
 
     def __init__(self, pipe, capture: MapCapture, state: CallState, settings: GuidanceSettings, text: TextConditioning,
-                 tokens: list[list[tuple[int, ...]]], text_ends: list[int], layout: torch.Tensor | None, steps: int) -> None:
+                 tokens: list[list[tuple[int, ...]]], spans: list[tuple[int, int]], layout: torch.Tensor | None, steps: int,
+                 guidance: float) -> None:
         self.pipe, self.capture, self.state, self.settings, self.text = pipe, capture, state, settings, text
-        self.tokens, self.text_ends, self.layout = tokens, text_ends, layout
+        self.guidance = guidance  # the scale a guidance-distilled denoiser (Flux-dev) takes in its passes too
+        self.tokens, self.spans, self.layout = tokens, spans, layout
         self.kernel = losses.gaussian_kernel(settings.kernel, settings.sigma)
         self.alphas = losses.step_sizes(settings.step_size, steps, settings.step_size_end)
         guides = settings.guides or (layout is not None and settings.placement > 0 and settings.guided_steps > 0)
@@ -184,8 +199,8 @@ class _Guide:
         return self.attention_maps(probs, [self.tokens[r] for r in rows])
 
     def share_maps(self, probs: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        tokens, ends = [self.tokens[r] for r in rows], [self.text_ends[r] for r in rows]
-        maps = losses.token_shares(probs, tokens, ends, self.settings.temperature)
+        tokens, spans = [self.tokens[r] for r in rows], [self.spans[r] for r in rows]
+        maps = losses.token_shares(probs, tokens, spans, self.settings.temperature)
         return losses.smooth(maps, self.kernel.to(maps))
 
     def attention_maps(self, probs: torch.Tensor, tokens: list[list[tuple[int, ...]]]) -> torch.Tensor:
@@ -224,7 +239,7 @@ class _Guide:
         per-row attendance: the weakest concept's smoothed token-share peak, A&E's refinement test)."""
         text = self.text.take(rows)
         with self.state.conditional_calls():
-            probs = self.capture.run(lambda: unet_output(self.pipe, x, timestep, text))
+            probs = self.capture.run(lambda: denoiser_output(self.pipe, x, timestep, text, guidance=self.guidance))
         maps = self.loss_maps(probs, rows)
         if not attendance:
             return self.loss(maps, rows), None
@@ -246,7 +261,7 @@ class _Guide:
         # The update acts on z_t as the papers define it, the UNet's input: for a sampler whose latents carry the noise
         # at scale sigma (Euler, Heun, LMS) that is the latents times 1 / sqrt(sigma^2 + 1), so the step means the same
         # whatever the sampler. (A step taken on the sampler's own latents would shrink by sigma^2 + 1.)
-        scale = self.pipe.scheduler.scale_model_input(torch.ones((), device=latents.device, dtype=latents.dtype), timestep)
+        scale = model_input_scale(self.pipe.scheduler, timestep, latents)
         with torch.enable_grad():
             x = (latents * scale).detach().requires_grad_(True)
             loss, attendance = self.evaluate(x, every, timestep, threshold is not None)
@@ -371,11 +386,14 @@ def compose(
     row_tokens = [t for t in tokens for _ in range(num)]
     tokenizer = pipeline_tokenizer(pipe)
     limit = tokenizer.model_max_length
+    start = len(tokenizer("").input_ids) - 1  # the tokens before the prompt's: CLIP's start-of-text, none on T5
     if settings.text_tokens == "prompt":
-        text_ends = [len(tokenizer(p, truncation=True, max_length=limit).input_ids) - 1 for p in rows]
+        spans = [(start, len(tokenizer(p, truncation=True, max_length=limit).input_ids) - 1) for p in rows]
     else:
-        text_ends = [limit - 1] * len(rows)
-    map_side = layout_side(pipe.unet, latent) if settings.resolution is None else nearest_cross_side(pipe.unet, latent, settings.resolution)
+        spans = [(start, -1)] * len(rows)
+    if settings.blocks is not None:
+        check_joint_blocks(pipe, settings.blocks)
+    map_side = layout_side(pipe, latent) if settings.resolution is None else nearest_cross_side(pipe, latent, settings.resolution)
     masks = None
     if layout:
         if not settings.guided_steps:
@@ -383,7 +401,7 @@ def compose(
                              "nothing; use method astar or attend-excite")
         if not settings.placement:
             raise ValueError("layout masks act through the placement loss; use settings with placement > 0")
-        grid = next(g for g in cross_grids(pipe.unet, latent) if max(g) == map_side)
+        grid = next(g for g in cross_grids(pipe, latent) if max(g) == map_side)
         masks = _layout_masks(layout, row_words, grid)
 
     images = image_embeds(pipe, call_options.pop("ip_adapter_image", None), call_options.pop("ip_adapter_image_embeds", None))
@@ -391,25 +409,25 @@ def compose(
     if images is not None:
         call_options["ip_adapter_image_embeds"] = pipeline_image_embeds(images, len(rows), guidance > 1)
     generators = [torch.Generator(device="cpu").manual_seed(seed + r) for r in range(len(rows))]
-    noise = torch.cat([randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=g, dtype=pipe.unet.dtype) for g in generators])
-    noise = noise.to(pipe.unet.device)
-    capture = MapCapture(map_side)
-    pipe.scheduler.set_timesteps(steps, device=pipe.unet.device)
-    timesteps = pipe.scheduler.timesteps.clone()
-    calls = Calls(timesteps)
-    sigma = pipe.scheduler.init_noise_sigma
+    model = denoiser(pipe)
+    noise = torch.cat([randn_tensor((1, latent_channels(pipe), *latent), generator=g, dtype=model.dtype) for g in generators])
+    noise = noise.to(model.device)
+    capture = MapCapture(map_side, settings.blocks)
+    calls = Calls.planned(pipe.scheduler, steps)  # the first timestep is the pipeline's; later ones are read from its scheduler
+    sigma = getattr(pipe.scheduler, "init_noise_sigma", 1.0)
 
     def on_step_end(pipeline, call: int, timestep, tensors):
         guide.after_pass(calls.begins(call))
         following = call + 1
-        if following == len(timesteps) or not calls.begins(following):
+        if following == len(calls.steps) or not calls.begins(following):
             return {}
-        return {"latents": guide(tensors["latents"], calls.steps[following], timesteps[following])}
+        latents = guide(spatial_latents(pipe, tensors["latents"], latent), calls.steps[following], pipeline.scheduler.timesteps[following])
+        return {"latents": pipeline_latents(pipe, latents)}
 
-    with attach(pipe, capture) as state, frozen(pipe.unet):
-        guide = _Guide(pipe, capture, state, settings, text, row_tokens, text_ends, masks, calls.count)
-        start = guide(noise * sigma, 0, timesteps[0]) / sigma
-        result = pipe(rows, num_inference_steps=steps, guidance_scale=guidance, height=size[0], width=size[1],
-                      negative_prompt=[negative_prompt] * len(rows) if isinstance(negative_prompt, str) else negative_prompt,
-                      latents=start, generator=generators, output_type=output_type, **with_callback(pipe, call_options, on_step_end, ["latents"]))
+    with attach(pipe, capture) as state, frozen(model):
+        guide = _Guide(pipe, capture, state, settings, text, row_tokens, spans, masks, calls.count, guidance)
+        start = pipeline_latents(pipe, guide(noise * sigma, 0, calls.timesteps[0]) / sigma)
+        if negative_prompt is not None:  # PixArt's default is "", not None
+            call_options["negative_prompt"] = [negative_prompt] * len(rows) if isinstance(negative_prompt, str) else negative_prompt
+        result = pipe(rows, num_inference_steps=steps, guidance_scale=guidance, height=size[0], width=size[1], latents=start, generator=generators, output_type=output_type, **with_callback(pipe, call_options, on_step_end, ["latents"]))
     return Composition(list(result.images), rows, row_words, torch.stack(guide.step_maps), guide.losses)

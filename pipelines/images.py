@@ -15,6 +15,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, UnidentifiedImageError
 
+from xattn.denoiser import denoiser
+
 
 @dataclass
 class PreparedImage:
@@ -95,13 +97,13 @@ def prepare_image(source: str | Path | bytes | Image.Image | np.ndarray, size: t
 
 
 def image_to_latent(pipe: DiffusionPipeline, image: Image.Image) -> torch.Tensor:
-    """(1, C, h, w) latent of an RGB image: the VAE posterior's mean, scaled as the UNet expects."""
+    """(1, C, h, w) latent of an RGB image: the VAE posterior's mean, scaled as the denoiser expects."""
     vae = pipe.vae
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
     with torch.no_grad():
         latent = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((latent - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
+    return ((latent - shift) * vae.config.scaling_factor).to(denoiser(pipe).dtype)
 
 
 def latent_to_image(pipe: DiffusionPipeline, latent: torch.Tensor) -> Image.Image:

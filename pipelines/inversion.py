@@ -17,6 +17,11 @@ encoded image, ..., z*_T). They differ in how guided sampling is kept on that tr
 - "dpl" (Wang et al. 2023, `pipelines.dpl`): null-text, and before each of its steps the caption's object nouns'
   token embeddings learnt against cross-attention leakage; edits read them per step. "dpl-direct": the same tokens
   with the direct correction instead of null-text.
+
+On flow-matching pipelines (SD3/SD3.5, Flux: `pipelines.flow`) the trajectory comes from inverting the rectified
+flow by Euler instead, and sampling is the pipeline's Euler at the same levels: "direct" corrects it as above,
+"euler" does nothing more (the flow's "ddim"). "fireflow" (Deng et al. 2024) inverts and samples with FireFlow's
+second-order steps at one model call a step, which redraw closer than Euler's with no correction.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,20 +40,25 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from pipelines.conditioning import TextConditioning, encode_text, unet_output
-from pipelines.ddim import Level, ddim_coefficients, ddim_from, ddim_levels, ddim_sampling
+from pipelines.ddim import Level, ddim_coefficients, ddim_from, ddim_levels
 from pipelines.dpl import (DPLSettings, Nouns, check_supported, clustered_background, encode_with, find_nouns,
                           initial_vectors, inversion_store, learn_step, map_capture, map_side, user_background)
+from pipelines.flow import FireFlowScheduler, euler_from, euler_invert, fireflow_invert, flow_levels, is_flow_matching, pipeline_sigmas
 from pipelines.generate import check_sampling, image_size
 from pipelines.images import image_to_latent, prepare_image
 from pipelines.inversion_cache import DEFAULT_CACHE, InversionCache, arrays_digest, inversion_key, model_fingerprint
+from pipelines.stepping import with_callback
 from xattn.align import refine_mapper
 from xattn.attach import attach
 from xattn.capture import MapCapture
-from xattn.denoiser import has_ip_adapter
+from xattn.conditioning import TextConditioning, denoiser_output, distilled_guidance, encode_text
+from xattn.denoiser import denoiser, has_ip_adapter
+from xattn.families import cross_grids, pipeline_latents, spatial_latents
 from xattn.tokens import pipeline_tokenizer
 
-METHODS = ("direct", "null-text", "negative-prompt", "ddim", "dpl", "dpl-direct")
+DIFFUSION_METHODS = ("direct", "null-text", "negative-prompt", "ddim", "dpl", "dpl-direct")
+FLOW_METHODS = ("direct", "euler", "fireflow")
+METHODS = tuple(dict.fromkeys(DIFFUSION_METHODS + FLOW_METHODS))
 log = logging.getLogger(__name__)
 
 
@@ -118,7 +129,9 @@ class Inversion:
         dpl every prompt's embeddings per step, and what to change after each step."""
         params = check_redraws(pipe)
         rows = len(prompts)
-        options = {"latents": self.start.to(pipe.unet.dtype).expand(rows, -1, -1, -1).clone()}
+        options = {"latents": pipeline_latents(pipe, self.start.to(denoiser(pipe).dtype).expand(rows, -1, -1, -1).clone())}
+        if is_flow_matching(pipe.scheduler):
+            options["sigmas"] = pipeline_sigmas(self.steps)
         if "height" in params:
             options |= {"height": self.size[0], "width": self.size[1]}
         if "image" in params:
@@ -139,8 +152,9 @@ class Inversion:
             and dpl set the next step's unconditional and learnt embeddings."""
             changed = {}
             if self.method in ("direct", "dpl-direct"):
-                latents = tensors["latents"]
-                changed["latents"] = latents + (self.latents[self.steps - 1 - step].to(latents) - latents[:1])
+                latents = spatial_latents(pipe, tensors["latents"], tuple(self.latents.shape[-2:]))
+                corrected = latents + (self.latents[self.steps - 1 - step].to(latents) - latents[:1])
+                changed["latents"] = pipeline_latents(pipe, corrected)
             if step + 1 < self.steps and (self.nulls is not None or learnt is not None):
                 embeds = tensors["prompt_embeds"].clone()
                 guided = embeds.shape[0] == 2 * rows  # [unconditional, conditional] rows under classifier-free guidance
@@ -171,6 +185,26 @@ class Inversion:
                                            for prompt, pairs in zip(prompts, placed)]) for i in range(self.steps)])
 
 
+def redraw_scheduler(scheduler, method: str):
+    """The sampler an inversion by `method` redraws under, built from the pipeline's scheduler: deterministic DDIM, or
+    on a rectified flow deterministic Euler, or FireFlow's."""
+    if method == "fireflow":
+        return FireFlowScheduler.from_config(scheduler.config, stochastic_sampling=False)
+    return euler_from(scheduler) if is_flow_matching(scheduler) else ddim_from(scheduler)
+
+
+@contextmanager
+def redraw_sampling(pipe: DiffusionPipeline, method: str) -> Iterator[object]:
+    """The pipeline samples with `redraw_scheduler` inside the block: inverted latents redraw their image only under
+    the sampler they were inverted for. Its own scheduler comes back on exit."""
+    original = pipe.scheduler
+    pipe.scheduler = redraw_scheduler(original, method)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = original
+
+
 def check_redraws(pipe: DiffusionPipeline) -> Mapping[str, inspect.Parameter]:
     """The pipeline call's parameters, if it can start from an inverted latent; else a clear error."""
     params = inspect.signature(pipe.__call__).parameters
@@ -187,7 +221,7 @@ def ddim_invert(pipe: DiffusionPipeline, latent: torch.Tensor, text: TextConditi
     with torch.no_grad():
         for level in pipe.progress_bar(list(reversed(levels))):
             c_x, c_out = ddim_coefficients(level.alpha, level.alpha_next, prediction)
-            out = unet_output(pipe, path[-1], level.timestep, text)
+            out = denoiser_output(pipe, path[-1], level.timestep, text)
             path.append((path[-1] - c_out * out) / c_x)
     return torch.cat(path)
 
@@ -210,12 +244,12 @@ def null_step(
     c_x, c_out = ddim_coefficients(level.alpha, level.alpha_next, prediction)
     dtype = uncond.embeds.dtype
     with torch.no_grad():
-        out_cond = unet_output(pipe, x, level.timestep, cond)
+        out_cond = denoiser_output(pipe, x, level.timestep, cond)
     null = null.detach().clone().requires_grad_(True)  # a fresh tensor: Adam updates in place, and the stored nulls must keep their values
     optimiser = torch.optim.Adam([null], lr=settings.rate(step))
     bound = settings.bound(step)
     for _ in range(settings.inner_steps):
-        out_null = unet_output(pipe, x, level.timestep, uncond.with_embeds(null.to(dtype)))
+        out_null = denoiser_output(pipe, x, level.timestep, uncond.with_embeds(null.to(dtype)))
         guided = out_null + guidance * (out_cond - out_null)
         loss = F.mse_loss((c_x * x + c_out * guided).float(), target.float())
         (null.grad,) = torch.autograd.grad(loss, [null])
@@ -224,7 +258,7 @@ def null_step(
             break
     null = null.detach()
     with torch.no_grad():
-        out_null = unet_output(pipe, x, level.timestep, uncond.with_embeds(null.to(dtype)))
+        out_null = denoiser_output(pipe, x, level.timestep, uncond.with_embeds(null.to(dtype)))
         return null, c_x * x + c_out * (out_null + guidance * (out_cond - out_null))
 
 
@@ -272,9 +306,16 @@ def invert(
     a boolean mask per noun at the model's image size (default: found by self-attention clustering), and the settings.
     Results are cached in `cache_dir` (None: no cache) by image content, caption, model weights and settings.
     """
+    flow = is_flow_matching(pipe.scheduler)
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
+    kind, methods = ("samples a rectified flow", FLOW_METHODS) if flow else ("samples a diffusion", DIFFUSION_METHODS)
+    if method not in methods:
+        raise ValueError(f"{type(pipe).__name__} {kind}: invert it with one of {', '.join(methods)}, not {method}")
     check_sampling(pipe, steps, guidance, 0)
+    if method not in ("direct", "ddim", *FLOW_METHODS) and "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
+        raise ValueError(f"{type(pipe).__name__} lets a step callback change only the latents, and {method} inversion sets the "
+                         "unconditional embedding as well: invert it with direct or ddim")
     if has_ip_adapter(pipe):
         raise ValueError("inversion runs the UNet on the caption alone, and this pipeline has an IP-Adapter loaded: "
                          "pipe.unload_ip_adapter() first")
@@ -292,7 +333,9 @@ def invert(
     prepared = prepare_image(image, size)
     for note in prepared.notes:
         log.warning("input image %s", note)
-    settings = {"method": method, "steps": steps, "dtype": str(pipe.unet.dtype)}
+    settings = {"method": method, "steps": steps, "dtype": str(denoiser(pipe).dtype)}
+    if flow and distilled_guidance(pipe):
+        settings["guidance"] = guidance  # an input of the velocity the flow is inverted with
     if method in ("null-text", "dpl"):
         settings |= {"guidance": guidance, "negative_prompt": negative_prompt, **asdict(null_text)}
     if learning:
@@ -306,6 +349,12 @@ def invert(
                          negative_prompt=negative_prompt, tokens=stored.get("tokens"),
                          token_positions=tuple(found.positions) if found else ())
     began = time.perf_counter()
+    if flow:
+        latents = _invert_flow(pipe, prepared.image, caption, size, steps, guidance, fireflow_invert if method == "fireflow" else euler_invert)
+        result = Inversion(method, caption, steps, guidance, latents, None, prepared.image, prepared.notes, time.perf_counter() - began)
+        if cache:
+            cache.save(key, {"latents": latents}, {"caption": caption} | {k: str(v) for k, v in settings.items()})
+        return result
     scheduler = ddim_from(pipe.scheduler)
     levels = ddim_levels(scheduler, steps)
     prediction = scheduler.config.prediction_type
@@ -330,6 +379,17 @@ def invert(
         tensors = {"latents": latents} | ({"nulls": nulls} if nulls is not None else {}) | ({"tokens": tokens} if tokens is not None else {})
         cache.save(key, tensors, {"caption": caption} | {k: str(v) for k, v in settings.items()})
     return result
+
+
+def _invert_flow(pipe: DiffusionPipeline, image: Image.Image, caption: str, size: tuple[int, int], steps: int,
+                 guidance: float, solver) -> torch.Tensor:
+    """The caption's rectified flow inverted by `solver` from the image's latent: the conditional velocity alone (a
+    guidance-distilled Flux takes `guidance` as its input)."""
+    latent = image_to_latent(pipe, image)
+    grid = cross_grids(pipe, tuple(latent.shape[-2:]))[0]
+    cond, _ = encode_text(pipe, [caption], size)
+    levels = flow_levels(pipe.scheduler, steps, grid[0] * grid[1], pipeline_sigmas(steps))
+    return solver(lambda x, t: denoiser_output(pipe, x, t, cond, guidance=guidance), latent, levels)
 
 
 def _learn_tokens(
@@ -369,16 +429,12 @@ def _learn_tokens(
     return torch.stack(learnt), torch.stack(nulls) if nulls else None
 
 
-def reconstruct(pipe: DiffusionPipeline, inversion: Inversion, output_type: str = "pil"):
-    """The caption sampled from the inversion as an edit's source row is: the image redrawn."""
+def reconstruct(pipe: DiffusionPipeline, inversion: Inversion, output_type: str = "pil", **call_options):
+    """The caption sampled from the inversion as an edit's source row is: the image redrawn. Other keyword arguments
+    go to the pipeline call (PixArt's use_resolution_binning, ...)."""
     sampling = inversion.sampling(pipe, [inversion.caption])
-    with ddim_sampling(pipe):
-        return pipe(
-            None if "prompt_embeds" in sampling.options else [inversion.caption],
-            num_inference_steps=inversion.steps,
-            guidance_scale=inversion.guidance,
-            output_type=output_type,
-            callback_on_step_end=lambda pipeline, step, timestep, tensors: sampling.on_step_end(step, tensors),
-            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
-            **sampling.options,
-        ).images[0]
+    options = with_callback(pipe, sampling.options | call_options, lambda pipeline, step, timestep, tensors: sampling.on_step_end(step, tensors),
+                            ["latents", "prompt_embeds"])
+    with redraw_sampling(pipe, inversion.method):
+        return pipe(None if "prompt_embeds" in options else [inversion.caption], num_inference_steps=inversion.steps,
+                    guidance_scale=inversion.guidance, output_type=output_type, **options).images[0]

@@ -28,18 +28,18 @@ DEFAULT_CACHE = Path(os.environ.get("XATTN_CACHE", "~/.cache/xattn")).expanduser
 
 
 def model_fingerprint(pipe: DiffusionPipeline) -> str:
-    """A digest of every weight of the pipeline's UNet, text encoders and VAE (a float64 sum and a strided sample per tensor).
+    """A digest of every weight of the pipeline's denoiser (UNet or transformer), text encoders and VAE (a float64 sum and a strided sample per tensor).
 
     Weights changed in place (an erasure loaded, a LoRA fused) and LoRA adapters change it; a path
-    does not name weights. The UNet's count under their diffusers names (`xattn.denoiser.model_state`):
+    does not name weights. The denoiser's count under their diffusers names (`xattn.denoiser.model_state`):
     a compiled UNet is the UNet it wraps, and an IP-Adapter or fused projections add nothing.
     """
     digest = hashlib.sha256()
-    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         module = getattr(pipe, name, None)
         if module is None:
             continue
-        state = model_state(module) if name == "unet" else module.state_dict()
+        state = model_state(module) if name in ("unet", "transformer") else module.state_dict()
         for key, tensor in state.items():
             flat = tensor.detach().flatten()
             sample = flat[:: max(1, flat.numel() // 16)].float().cpu().numpy()

@@ -18,8 +18,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from pipelines.closed_form import ridge_edit
-from pipelines.conditioning import encode_text
 from pipelines.generate import image_size
+from xattn.conditioning import encode_text, text_context
 from xattn.denoiser import denoiser
 from xattn.tokens import WORD, pipeline_word_tokens
 
@@ -31,9 +31,9 @@ def replace_word(prompt: str, word: str, by: str) -> str:
 
 
 def _outputs(pipe: DiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """The text encoder outputs the UNet's cross-attention reads, (prompts, tokens, width)."""
+    """The text the denoiser's cross-attention reads (`text_context`), (prompts, tokens, width)."""
     with torch.no_grad():
-        return encode_text(pipe, prompts, image_size(pipe))[0].embeds.double()
+        return text_context(pipe, encode_text(pipe, prompts, image_size(pipe))[0].embeds).double()
 
 
 def read_weight(layer: torch.nn.Module) -> torch.Tensor:

@@ -47,7 +47,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines.conditioning import TextConditioning, encode_text, unet_output
 from pipelines.ddim import ddim_from, ddim_levels, ddim_sample
 from pipelines.erasure import save_erasure
 from pipelines.files import slug
@@ -60,7 +59,9 @@ from pipelines.saliency import masked_step, saliency_masks
 from pipelines.uce import replace_word, uce_edit
 from shapes import erasure_prompts
 from xattn.attach import attach
+from xattn.conditioning import TextConditioning, denoiser_output, encode_text
 from xattn.denoiser import base_parameters, denoiser, has_ip_adapter
+from xattn.families import family_of
 from xattn.resteer import ConceptAttention
 from xattn.tokens import WORD, pipeline_tokenizers, pipeline_word_tokens
 
@@ -100,13 +101,18 @@ def parameter_group(unet: torch.nn.Module, group: str) -> dict[str, torch.nn.Par
     if group == "full":
         return own
     root, chosen = denoiser(unet), {}
+    family = family_of(root)
+    attention = [key.removesuffix(".processor") for key in root.attn_processors if family.layer(key).kind == "cross"]
+    if not attention:
+        raise ValueError(f"{type(root).__name__} has no cross-attention layers (MM-DiT attends jointly), so the {group} group "
+                         "selects nothing; choose esd-u or full")
     for name, param in own.items():
-        layer = name.rsplit(".", 1)[0]
+        layer = name.rpartition(".")[0]  # "" for a parameter of the model itself (PixArt's scale_shift_table)
         module = root.get_submodule(layer)
         module = getattr(module, "base_layer", module)
-        cross = ".attn2." in f".{layer}."
+        cross = any(f"{layer}.".startswith(f"{a}.") for a in attention)
         if group == "esd-x-strict":
-            keep = layer.endswith(("attn2.to_k", "attn2.to_v"))
+            keep = any(layer in (f"{a}.to_k", f"{a}.to_v") for a in attention)
         elif group == "esd-x":
             keep = cross and isinstance(module, torch.nn.Linear)
         else:
@@ -217,10 +223,9 @@ def check_concept(pipe: DiffusionPipeline, concept: str) -> None:
     if not words:
         raise ValueError("name the concept to erase in words, e.g. --concept circle")
     for tokenizer in pipeline_tokenizers(pipe):
-        vocab = tokenizer.get_vocab()
         for word in words:
-            if f"{word.lower()}</w>" not in vocab:
-                pieces = tokenizer.tokenize(word)
+            pieces = tokenizer.tokenize(word)  # CLIP's "circle</w>", T5's "▁circle": one piece when the word is one token
+            if len(pieces) != 1:
                 raise ValueError(
                     f"{word!r} is not a word of the tokenizer's vocabulary (it splits into {' + '.join(pieces)}), so the model has "
                     f"no token of it to erase; name the concept in words the tokenizer knows"
@@ -244,9 +249,10 @@ def _own_images(pipe: DiffusionPipeline, prompts: list[str], per_prompt: int, se
     with guided DDIM whatever sampler the pipeline carries."""
     size = image_size(pipe)
     repeated = [p for p in prompts for _ in range(per_prompt)]
-    latent = (pipe.unet.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
-    noise = torch.cat([randn_tensor((1, *latent), generator=torch.Generator(device="cpu").manual_seed(seed + i), dtype=pipe.unet.dtype)
-                       for i in range(len(repeated))]).to(pipe.unet.device)
+    model = denoiser(pipe)
+    latent = (model.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+    noise = torch.cat([randn_tensor((1, *latent), generator=torch.Generator(device="cpu").manual_seed(seed + i), dtype=model.dtype)
+                       for i in range(len(repeated))]).to(model.device)
     scheduler = ddim_from(pipe.scheduler)
     levels = ddim_levels(scheduler, settings.sample_steps)
     with torch.no_grad():
@@ -358,17 +364,17 @@ class _Trainer:
         """The trained copy's float32 prediction (the frozen pipeline's, in its dtype, with trained=False)."""
         device = self.accelerator.device
         if not trained:
-            return unet_output(self.pipe, latents.to(device, self.pipe.unet.dtype), t.to(device), text)
-        return unet_output(self.pipe, latents.to(device, torch.float32), t.to(device), text.to(torch.float32), unet=self.model)
+            return denoiser_output(self.pipe, latents.to(device, denoiser(self.pipe).dtype), t.to(device), text)
+        return denoiser_output(self.pipe, latents.to(device, torch.float32), t.to(device), text.to(torch.float32), unet=self.model)
 
     def _esd_loss(self) -> torch.Tensor:
         s, pipe = self.settings, self.pipe
         row = self._sample(1, len(self.contexts)).tolist()
         stop = int(torch.randint(0, s.sample_steps, (1,), generator=self.generator))
         latent = (self.size[0] // pipe.vae_scale_factor, self.size[1] // pipe.vae_scale_factor)
-        start = randn_tensor((1, pipe.unet.config.in_channels, *latent), generator=self.generator, dtype=pipe.unet.dtype)
+        start = randn_tensor((1, denoiser(pipe).config.in_channels, *latent), generator=self.generator, dtype=denoiser(pipe).dtype)
         with torch.no_grad():
-            x = ddim_sample(pipe, start.to(pipe.unet.device), self.context_text.take(row), self.empty_text.take(row), self.levels,
+            x = ddim_sample(pipe, start.to(denoiser(pipe).device), self.context_text.take(row), self.empty_text.take(row), self.levels,
                             self.sampler.config.prediction_type, s.start_guidance, stop)
             t = torch.tensor([self.levels[stop].timestep])
             e_anchor = self._predict(x, t, self.guide_text.take(row), trained=False)
@@ -517,7 +523,7 @@ def unlearn(
     images: list[ImageSource] | None = None,
     progress: bool = True,
 ) -> Unlearned:
-    """Erase `settings.concept` from a copy of `pipe.unet`; `pipe` itself is left as it was.
+    """Erase `settings.concept` from a copy of the pipeline's denoiser; `pipe` itself is left as it was.
 
     With `out`, training checkpoints to out/<erasure name>.checkpoint.pt and a rerun resumes from it. `images`:
     the user's pictures of the concept for FMN and SalUn (default: the base model's own).

@@ -221,7 +221,7 @@ def test_a_bad_job_fails_alone_and_leaves_the_next_as_a_clean_run_draws_it(pipe,
     summary = run_batch(pipe, jobs, tmp_path / "out", "embedded", progress=False)
     assert set(summary.failed) == {jobs[0].id, jobs[1].id} and set(summary.done) == {jobs[2].id, "after"}
     assert "more than the 50 megapixels xattn reads" in summary.failed[jobs[0].id]
-    assert "is (3, 3) but the UNet's is" in summary.failed[jobs[1].id]
+    assert "is (3, 3) but the denoiser's is" in summary.failed[jobs[1].id]
     assert [p.line for p in summary.invalid] == [4] and "--seed must be between 0 and" in summary.invalid[0].reason
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["jobs"][0]["status"] == "failed"
     clean = run_batch(pipe, [jobs[2], jobs[4]], tmp_path / "clean", "embedded", progress=False)  # the same pipeline call

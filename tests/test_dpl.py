@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.conditioning import TextConditioning, unet_output
 from pipelines.ddim import ddim_from, ddim_levels
 from pipelines.dpl import DPLSettings, encode_with, find_nouns, initial_vectors, learn_step, map_capture, terms, user_background
 from pipelines.edit import prompt_to_prompt
@@ -17,6 +16,7 @@ from pipelines.loading import load_pipeline
 from shapes.scenes import make_scene
 from xattn.capture import MapCapture
 from xattn.clustering import BACKGROUND, kmeans, name_clusters, regions
+from xattn.conditioning import TextConditioning, denoiser_output
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_learning_lowers_the_losses_and_stops_when_they_meet_the_thresholds(pipe
 
         def disjoint(vectors):
             embeds = encode_with(pipe, scene.caption, nouns.positions, vectors)
-            maps = capture.run(lambda: unet_output(pipe, x, level.timestep, TextConditioning(embeds)))
+            maps = capture.run(lambda: denoiser_output(pipe, x, level.timestep, TextConditioning(embeds)))
             return float(terms(maps, nouns, background)[1])
 
         with torch.no_grad():

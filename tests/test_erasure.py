@@ -55,7 +55,7 @@ def test_a_file_that_fails_on_its_last_tensor_leaves_the_model_as_it_was(pipe, t
     tensors = {n: params[n].detach() + 1 for n in names}
     tensors[names[-1]] = torch.zeros(3, 3)
     path = save_erasure(tmp_path / "e.safetensors", tensors, method="esd", concept="circle", base=model_fingerprint(pipe), settings={})
-    with pytest.raises(ValueError, match=f"the erasure's {names[-1]} is \\(3, 3\\) but the UNet's is"):
+    with pytest.raises(ValueError, match=f"the erasure's {names[-1]} is \\(3, 3\\) but the denoiser's is"):
         load_erasure(pipe, path)
     assert all(torch.equal(p, before[n]) for n, p in params.items())
 
@@ -69,7 +69,7 @@ def test_a_file_without_its_metadata_is_refused_by_name(pipe, tmp_path):
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda w: torch.full_like(w, float("nan")), "holds non-finite values; it is damaged"),
-    (lambda w: w * 1e6, r"holds values up to .* where the UNet's reach .*; no unlearning method moves weights that far"),
+    (lambda w: w * 1e6, r"holds values up to .* where the denoiser's reach .*; no unlearning method moves weights that far"),
     (lambda w: w.to(torch.int64), "is int64, not floating point; it is damaged or hand-made"),
 ])
 def test_damaged_values_are_refused_before_anything_changes(pipe, tmp_path, change, message):

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionAttendAndExcitePipeline
 
-from pipelines.conditioning import encode_text, unet_output
 from pipelines.guidance import compose, method_settings
 from pipelines.loading import load_pipeline
 from shapes.judge import match_caption
 from tests.architectures import ARCHITECTURES
 from xattn.attach import attach
 from xattn.capture import MapCapture
+from xattn.conditioning import denoiser_output, encode_text
 from xattn.tokens import word_tokens
 
 PROMPT = "a red circle and a blue square"
@@ -45,8 +45,8 @@ def test_capture_is_differentiable_and_stops_after_the_last_captured_layer(pipe)
     hook = pipe.unet.up_blocks[2].register_forward_pre_hook(lambda *_: reached.append(1))
     try:
         with attach(pipe, capture):
-            full = capture.run(lambda: unet_output(pipe, latents, 999, text))
-            cut = capture.run(lambda: unet_output(pipe, latents, 999, text))
+            full = capture.run(lambda: denoiser_output(pipe, latents, 999, text))
+            cut = capture.run(lambda: denoiser_output(pipe, latents, 999, text))
     finally:
         hook.remove()
     assert reached == [1]  # the first call ran to the end; the second stopped in up_blocks.1
@@ -62,7 +62,7 @@ def test_capture_names_a_resolution_the_unet_lacks(pipe):
     text, _ = encode_text(pipe, [PROMPT], 64)
     capture = MapCapture(32)
     with attach(pipe, capture), pytest.raises(ValueError, match="no cross-attention layer at 32x32"):
-        capture.run(lambda: unet_output(pipe, torch.randn(1, 4, 16, 16), 999, text))
+        capture.run(lambda: denoiser_output(pipe, torch.randn(1, 4, 16, 16), 999, text))
 
 
 def test_no_guidance_is_plain_generation(pipe):

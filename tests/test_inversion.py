@@ -13,7 +13,7 @@ from pipelines.edit import prompt_to_prompt
 from pipelines.images import image_to_latent, latent_to_image, prepare_image, psnr
 from benchmarks.hostile_input import png_header
 from pipelines.dpl import DPLSettings
-from pipelines.inversion import METHODS, NullTextSettings, invert, reconstruct
+from pipelines.inversion import DIFFUSION_METHODS, NullTextSettings, invert, reconstruct
 from pipelines.loading import load_pipeline
 from shapes.scenes import make_scene
 from tests.architectures import ARCHITECTURES
@@ -111,7 +111,7 @@ def test_edit_checks_the_inversion_it_is_given(shapes_pipe):
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", DIFFUSION_METHODS)
 def test_every_method_edits_on_every_architecture(name, method):
     pipe = ARCHITECTURES[name]()
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)

@@ -45,14 +45,16 @@ def test_smoothing_keeps_a_constant_map_and_spreads_a_point_as_the_kernel():
 def test_token_shares_is_a_sharpened_softmax_over_the_prompt_tokens():
     # keys: [sot, a, red, circle, eot, pad]; one pixel.
     probs = torch.tensor([[[[0.70, 0.05, 0.10, 0.12, 0.02, 0.01]]]])
-    shares = losses.token_shares(probs, [[(3,), (2, 3)]], [4], temperature=100.0)
+    shares = losses.token_shares(probs, [[(3,), (2, 3)]], [(1, 4)], temperature=100.0)
     logits = torch.tensor([5.0, 10.0, 12.0])
     expected = logits.softmax(0)
     assert shares.shape == (1, 2, 1, 1)
     assert shares[0, 0, 0, 0].item() == pytest.approx(expected[2].item(), rel=1e-5)
     assert shares[0, 1, 0, 0].item() == pytest.approx((expected[1] + expected[2]).item() / 2, rel=1e-5)
-    every = losses.token_shares(probs, [[(3,)]], [5], temperature=100.0)  # diffusers' 1:-1 also counts the eot
+    every = losses.token_shares(probs, [[(3,)]], [(1, -1)], temperature=100.0)  # diffusers' 1:-1 also counts the eot
     assert every[0, 0, 0, 0].item() == pytest.approx(torch.tensor([5.0, 10.0, 12.0, 2.0]).softmax(0)[2].item(), rel=1e-5)
+    t5 = losses.token_shares(probs[..., 1:], [[(2,)]], [(0, 3)], temperature=100.0)  # T5: no start-of-text, "circle" at 2
+    assert t5[0, 0, 0, 0].item() == pytest.approx(expected[2].item(), rel=1e-5)
 
 
 def test_token_attention_and_peak_normalisation():

@@ -18,7 +18,6 @@ from PIL import Image
 
 import xattn
 from editors import LocalBlend, Refine, Reweight, Swap
-from pipelines.conditioning import encode_text, image_embeds, unet_output, with_images
 from pipelines.edit import prompt_to_prompt
 from pipelines.erasure import apply_erasure
 from pipelines.guidance import compose, method_settings
@@ -26,6 +25,7 @@ from pipelines.images import image_to_latent, latent_to_image
 from pipelines.inversion import invert
 from pipelines.unlearn import UnlearnSettings, unlearn
 from tests.architectures import SETUPS
+from xattn.conditioning import denoiser_output, encode_text, image_embeds, with_images
 from xattn.denoiser import base_parameters, denoiser
 
 CAPABILITIES = ("trace", "swap", "refine", "reweight", "blend", "invert+edit", "astar", "attend-excite", "uce", "esd-x", "fmn", "salun")
@@ -88,7 +88,7 @@ def _prediction(pipe, prompt: str, options: dict) -> torch.Tensor:
         cond, uncond = encode_text(pipe, [prompt], (32, 32))
         cond, _ = with_images(cond, uncond, image_embeds(pipe, options.get("ip_adapter_image")))
         latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(pipe.unet.dtype)
-        return unet_output(pipe, latent, 500, cond).float()
+        return denoiser_output(pipe, latent, 500, cond).float()
 
 
 def run_cell(name: str, capability: str) -> None:

@@ -43,10 +43,12 @@ def _finite(text: str) -> float:
 
 
 SEED = _whole(0, MAX_SEED)
+MODEL_HELP = ("diffusers folder or hub id (SD 1.x/2.x/XL; maps, edit, invert and compose also SD3/3.5, Flux, PixArt; unlearn "
+              "also PixArt); default: the embedded shapes model")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; maps and edit also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the first image (image i uses seed+i)")
     parser.add_argument("--steps", type=_whole(1, 1000), default=25, help="denoising steps (at most the scheduler's training steps, 1000)")
     parser.add_argument("--guidance", type=_finite, default=5.0, help="classifier-free guidance scale (1 turns it off)")
@@ -185,6 +187,28 @@ def cmd_invert(args: argparse.Namespace) -> None:
     print(save_png(inversion.image, out / "input.png", meta))
     print(save_png(redrawn, out / "reconstruction.png", meta))
     print(f"reconstruction PSNR: {score:.2f} dB")
+
+
+def cmd_flowedit(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from pipelines.files import save_png
+    from pipelines.flowedit import default_settings, flow_edit
+    from pipelines.loading import load_pipeline, model_label
+    from xattn.heatmap import grid
+
+    pipe = load_pipeline(args.model)
+    chosen = {"steps": args.steps, "n_max": args.n_max, "source_guidance": args.source_guidance, "target_guidance": args.target_guidance}
+    settings = replace(default_settings(pipe), **{k: v for k, v in chosen.items() if v is not None})
+    result = flow_edit(pipe, args.image, args.source, args.target, settings=settings, seed=args.seed)
+    meta = {"image": args.image, "source": args.source, "target": args.target, "seed": args.seed, "steps": settings.steps,
+            "n_max": settings.n_max, "source_guidance": settings.source_guidance, "target_guidance": settings.target_guidance,
+            "model": model_label(args.model)}
+    out = Path(args.out)
+    fitted, edited = result.images
+    sheet = grid([fitted, edited], ["input", "target"], columns=2, scale=max(1, 256 // fitted.size[0]))
+    for name, image in (("input.png", fitted), ("target.png", edited), ("side-by-side.png", sheet)):
+        print(save_png(image, out / name, meta))
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
@@ -329,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--out", default="outputs/invert", help="folder for input.png and reconstruction.png")
     invert.set_defaults(run=cmd_invert)
 
+    flowedit = commands.add_parser("flowedit", help="FlowEdit: edit a real image on a flow-matching model (SD3, Flux) with no inversion")
+    flowedit.add_argument("source", help="what the image shows")
+    flowedit.add_argument("target", help="what it should show")
+    flowedit.add_argument("--image", required=True, help="the image file (any size and mode; fitted to the model's size)")
+    flowedit.add_argument("--model", help="a diffusers folder or hub id of SD3/3.5 or Flux")
+    flowedit.add_argument("--seed", type=SEED, default=0, help="seed of the noise each step draws")
+    flowedit.add_argument("--steps", type=_whole(1, 1000), help="noise levels T (default: the authors', 50 on SD3, 28 on Flux)")
+    flowedit.add_argument("--n-max", type=_whole(0, 1000), help="the edit runs over the last N_MAX levels (default: 33 of 50, 24 of 28)")
+    flowedit.add_argument("--source-guidance", type=_finite, help="the source prompt's guidance (default: 3.5 on SD3, 1.5 on Flux)")
+    flowedit.add_argument("--target-guidance", type=_finite, help="the target prompt's guidance (default: 13.5 on SD3, 5.5 on Flux)")
+    flowedit.add_argument("--out", default="outputs/flowedit", help="folder for input.png, target.png and side-by-side.png")
+    flowedit.set_defaults(run=cmd_flowedit)
+
     compose = commands.add_parser("compose", help="generate with attention-loss guidance (A-STAR, Attend-and-Excite) so every concept appears")
     compose.add_argument("prompt")
     compose.add_argument("--concepts", required=True, help="comma-separated words (or phrases) of the prompt, e.g. circle,square")
@@ -357,14 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--steps", type=_whole(0, 100_000), default=0, help="training steps (default: the method's)")
     unlearn.add_argument("--lr", type=_finite, default=0.0, help="learning rate (default: the method's)")
     unlearn.add_argument("--seed", type=_whole(0, MAX_SEED // 2), default=0)
-    unlearn.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; maps and edit also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
+    unlearn.add_argument("--model", help=MODEL_HELP)
     unlearn.add_argument("--out", required=True, help="folder for the erasure file and the checkpoint a rerun resumes from")
     unlearn.set_defaults(run=cmd_unlearn)
 
     batch = commands.add_parser("batch", help="run a JOBS file (JSONL or YAML) of generate/maps/edit/compose/invert/erase-then-generate jobs")
     batch.add_argument("jobs", help="JSONL (one job per line) or YAML (a list of jobs)")
     batch.add_argument("--out", default="outputs/batch", help="folder for jobs/<id>/ and manifest.json; a rerun resumes it")
-    batch.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; maps and edit also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
+    batch.add_argument("--model", help=MODEL_HELP)
     batch.add_argument("--retry-failed", action="store_true", help="redo the jobs that failed in an earlier run")
     batch.add_argument("--batch-size", type=_whole(1, 256), default=8, help="generate jobs with the same settings per pipeline call")
     batch.set_defaults(run=cmd_batch)
@@ -372,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="the Gradio app: inspect, edit, real image, compose, erase")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     ui.add_argument("--port", type=_whole(1, 65535), help="port (default: Gradio's, 7860 or the next free one)")
-    ui.add_argument("--model", help="diffusers folder or hub id (SD 1.x/2.x/XL; maps and edit also SD3/3.5, Flux, PixArt); default: the embedded shapes model")
+    ui.add_argument("--model", help=MODEL_HELP)
     ui.set_defaults(run=cmd_ui)
 
     scene = commands.add_parser("scene", help="draw a scene of the shapes world, a picture the model never drew: a real image to edit")

@@ -366,6 +366,23 @@ def joint_block_counts(pipe) -> dict[str, int]:
     return family_of(pipe).joint_blocks(denoiser(pipe))
 
 
+def check_joint_blocks(pipe, selected) -> None:
+    """Every stream and block of a selection ({"double": [0, 1], "single": [...]}) exists in the denoiser's joint
+    attention, else the error lists what does."""
+    counts = joint_block_counts(pipe)
+    have = ", ".join(f"{stream}: 0-{n - 1}" for stream, n in counts.items()) or "none"
+    for stream, blocks in selected.items():
+        if stream not in counts or any(not 0 <= b < counts[stream] for b in blocks):
+            raise ValueError(f"blocks {stream}: {list(blocks)} is not among {type(pipe).__name__}'s joint-attention blocks ({have})")
+
+
+def latent_channels(pipe) -> int:
+    """Channels of the pipeline's spatial latent: the denoiser's input channels, a quarter of them where the latents
+    are packed 2x2 into tokens (Flux)."""
+    channels = denoiser(pipe).config.in_channels
+    return channels // 4 if family_of(pipe).packs else channels
+
+
 def spatial_latents(pipe, latents: torch.Tensor, latent: tuple[int, int]) -> torch.Tensor:
     """A pipeline's latents as (batch, channels, height, width) at this latent size: Flux's step-end latents come
     packed, 2x2 latent pixels per token."""

@@ -52,21 +52,21 @@ def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 def token_shares(
     probs: torch.Tensor,
     concepts: Sequence[Sequence[Sequence[int]]],
-    text_ends: Sequence[int],
+    spans: Sequence[tuple[int, int]],
     temperature: float = 100.0,
 ) -> torch.Tensor:
     """A&E's concept maps, (rows, concepts, h, w), from (rows, h, w, keys) cross-attention probabilities.
 
-    At each pixel, a softmax at `temperature` over the text tokens (start-of-text dropped) sharpens
-    which token the pixel attends to most; a concept's map is the mean over its tokens.
-    concepts[r][k] are the token indices of row r's k-th concept (0 is start-of-text); text_ends[r]
-    is the end of the tokens the softmax runs over (exclusive): the end-of-text index to use only
-    the prompt's own tokens, or keys - 1 for diffusers' A&E (every token but the first and last).
+    At each pixel, a softmax at `temperature` over the text tokens sharpens which token the pixel
+    attends to most; a concept's map is the mean over its tokens. concepts[r][k] are the token
+    indices of row r's k-th concept; spans[r] = (start, end) the keys the softmax runs over, a
+    slice: start 1 drops CLIP's start-of-text (0 on T5, which has none); end the end-of-text index
+    to use only the prompt's own tokens, or -1 for diffusers' A&E (every token but the last).
     """
     rows = []
-    for row, tokens, end in zip(probs, concepts, text_ends, strict=True):
-        shares = (row[..., 1:end] * temperature).softmax(-1)
-        rows.append(torch.stack([shares[..., [t - 1 for t in concept]].mean(-1) for concept in tokens]))
+    for row, tokens, (start, end) in zip(probs, concepts, spans, strict=True):
+        shares = (row[..., start:end] * temperature).softmax(-1)
+        rows.append(torch.stack([shares[..., [t - start for t in concept]].mean(-1) for concept in tokens]))
     return torch.stack(rows)
 
 
