@@ -67,9 +67,10 @@ def euler_invert(velocity: Velocity, latent: torch.Tensor, levels: list[FlowLeve
     return torch.cat(path)
 
 
-def fireflow_invert(velocity: Velocity, latent: torch.Tensor, levels: list[FlowLevel], scale: float = 1000.0) -> torch.Tensor:
+def fireflow_invert(velocity: Velocity, latent: torch.Tensor, levels: list[FlowLevel]) -> torch.Tensor:
     """(steps + 1, C, h, w): `latent` walked up the levels by FireFlow's midpoint steps (one model call a step, and
-    one more at the start). scale: the scheduler's timesteps per unit of sigma."""
+    one more at the start), the midpoints' timesteps on the levels' scale."""
+    scale = levels[0].timestep / levels[0].sigma  # the scheduler's timesteps per unit of noise level
     path = [latent]
     with torch.no_grad():
         first = levels[-1]

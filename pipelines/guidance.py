@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from pipelines.flow import is_flow_matching
 from pipelines.generate import check_sampling, image_size
 from pipelines.stepping import Calls, with_callback
 from xattn import losses
@@ -414,7 +415,9 @@ def compose(
     noise = noise.to(model.device)
     capture = MapCapture(map_side, settings.blocks)
     calls = Calls.planned(pipe.scheduler, steps)  # the first timestep is the pipeline's; later ones are read from its scheduler
-    sigma = getattr(pipe.scheduler, "init_noise_sigma", 1.0)
+    if not is_flow_matching(pipe.scheduler):
+        pipe.scheduler.set_timesteps(steps, device=model.device)  # its levels scale the starting noise and step 0's update
+    sigma = getattr(pipe.scheduler, "init_noise_sigma", 1.0)  # a flow starts from plain noise
 
     def on_step_end(pipeline, call: int, timestep, tensors):
         guide.after_pass(calls.begins(call))

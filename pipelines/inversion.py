@@ -300,8 +300,9 @@ def invert(
 ) -> Inversion:
     """Invert `image` (any size and mode; fitted to (height, width), the model's size by default, with a logged note) under `caption`.
 
-    guidance is the scale the edits will use; only null-text and dpl depend on it, and on
-    negative_prompt, the unconditional prompt their embeddings start from (default: the empty one).
+    guidance is the scale the edits will use; only null-text and dpl depend on it (and on
+    negative_prompt, the unconditional prompt their embeddings start from; default: the empty one), and the
+    inverted flow of a guidance-distilled model (Flux-dev), whose velocity takes the scale as an input.
     nouns, masks, dpl: for "dpl" and "dpl-direct", the caption's object nouns (each occurrence is one object), optionally
     a boolean mask per noun at the model's image size (default: found by self-attention clustering), and the settings.
     Results are cached in `cache_dir` (None: no cache) by image content, caption, model weights and settings.

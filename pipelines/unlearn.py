@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from pipelines.ddim import ddim_from, ddim_levels, ddim_sample
 from pipelines.erasure import save_erasure
 from pipelines.files import slug
+from pipelines.flow import is_flow_matching
 from pipelines.generate import image_size
 from pipelines.limits import MAX_SEED
 from pipelines.images import image_to_latent, prepare_image, read_image
@@ -538,6 +539,9 @@ def unlearn(
         raise ValueError(f"{settings.method} keeps no preserved prompts (only uce and salun do); leave out --preserve")
     if images and settings.method not in ("fmn", "salun"):
         raise ValueError(f"{settings.method} trains on prompts alone (only fmn and salun take images); leave out --images")
+    if settings.method != "uce" and is_flow_matching(pipe.scheduler):
+        raise ValueError(f"{settings.method} trains against a diffusion's noise prediction on latents sampled by DDIM, and "
+                         f"{type(pipe).__name__} samples a rectified flow: use uce (closed form) on it")
     if settings.method != "uce" and has_ip_adapter(pipe):
         raise ValueError(f"{settings.method} trains the UNet on text prompts alone, and this pipeline has an IP-Adapter loaded: "
                          "pipe.unload_ip_adapter() first; the erasure applies with or without the adapter loaded again")

@@ -8,6 +8,7 @@ attention processors that run it run SD 1.x unchanged.
 
 from __future__ import annotations
 
+import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -96,9 +97,20 @@ MMDIT_WIDTH = 128
 
 
 def build_mmdit() -> SD3Transformer2DModel:
-    return SD3Transformer2DModel(sample_size=LATENT_SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
-                                 attention_head_dim=32, num_attention_heads=4, joint_attention_dim=2 * TEXT_WIDTH,
-                                 caption_projection_dim=MMDIT_WIDTH, pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=4 * LATENT_SIZE // 2)
+    """The MM-DiT, initialised adaLN-Zero (DiT, Peebles and Xie 2023): every block's modulation and the output layer
+    start at zero, so each block starts as the identity and the model predicts zero. Against diffusers' default
+    initialisation, same recipe otherwise, it drew 43 % of one-object prompts exactly against 38 %, and 13 % of
+    two-object prompts against 6 % (benchmarks/RESULTS.md, issue 30)."""
+    model = SD3Transformer2DModel(sample_size=LATENT_SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=6,
+                                  attention_head_dim=32, num_attention_heads=4, joint_attention_dim=2 * TEXT_WIDTH,
+                                  caption_projection_dim=MMDIT_WIDTH, pooled_projection_dim=2 * TEXT_WIDTH,
+                                  pos_embed_max_size=4 * LATENT_SIZE // 2)
+    zeroed = [layer for block in model.transformer_blocks for layer in (block.norm1.linear, block.norm1_context.linear)]
+    with torch.no_grad():
+        for layer in (*zeroed, model.norm_out.linear, model.proj_out):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return model
 
 
 def build_projected_text_encoder() -> CLIPTextModelWithProjection:

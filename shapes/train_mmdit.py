@@ -44,6 +44,7 @@ class MMDiTSettings(Settings):
     lr: float = 5e-4
 
 
+MMDIT_RECIPE = 2  # bump when the transformer's architecture or initialisation changes: it names the run folder
 ZERO_POSITIONS = 256  # the T5 positions StableDiffusion3Pipeline fills with zeros (its max_sequence_length)
 
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae", type=Path, help="an already trained VAE folder (e.g. shapes/model/vae, the embedded model's) instead of stage 1")
     args = parser.parse_args(argv)
     settings = MMDiTSettings(**{k: getattr(args, k) for k in asdict(MMDiTSettings())})
-    work = args.work / f"mmdit-v{RECIPE}-{settings.digest()}"
+    work = args.work / f"mmdit-v{RECIPE}.{MMDIT_RECIPE}-{settings.digest()}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
     began = time.time()

@@ -14,9 +14,24 @@ from transformers import CLIPTokenizer
 from xattn.attach import attach
 
 
+def test_the_mmdit_starts_adaln_zero():
+    """Every block's modulation and the output layer start at zero: each block is the identity, the prediction 0."""
+    transformer = architecture.build_mmdit().eval()
+    with torch.no_grad():
+        out = transformer(hidden_states=torch.randn(1, 4, 16, 16), timestep=torch.tensor([500.0]),
+                          encoder_hidden_states=torch.randn(1, 25, transformer.config.joint_attention_dim),
+                          pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim), return_dict=False)[0]
+    assert torch.equal(out, torch.zeros_like(out))
+    assert not transformer.transformer_blocks[0].norm1.linear.weight.any()
+
+
 def test_one_zero_position_weighed_as_many_is_the_pipelines_zero_positions():
     torch.manual_seed(0)
     transformer = architecture.build_mmdit().eval()
+    with torch.no_grad():
+        for param in transformer.parameters():
+            if not param.any():
+                param.normal_(0, 0.02)  # adaLN-Zero starts every block as the identity: give the blocks work to do
     encoders = [architecture.build_projected_text_encoder().eval() for _ in range(2)]
     tokenizer = CLIPTokenizer.from_pretrained(MODEL_PATH / "tokenizer")
     ids = torch.tensor([tokenizer("a red circle", padding="max_length", max_length=architecture.CAPTION_TOKENS).input_ids])

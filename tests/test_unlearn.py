@@ -80,9 +80,9 @@ def test_replace_word_keeps_other_words():
 def test_uce_sends_the_concept_to_the_guide_and_keeps_the_rest(pipe):
     edited = uce_edit(pipe, "circle", list(SHAPE_CONTEXTS), list(KEPT), guide="square")
     assert sorted(edited) == sorted(n for n in parameter_group(pipe.unet, "esd-x-strict"))
-    inputs, guides = erase_pairs(pipe, "circle", "square", list(SHAPE_CONTEXTS))
-    assert len(inputs) == len(guides) == 74 + 74 + 75  # from "circle" (token 3, or 2 in "a circle") to the 77th token
     name = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.weight"
+    inputs, guides = erase_pairs(pipe, "circle", "square", list(SHAPE_CONTEXTS))[name.removesuffix(".weight")]
+    assert len(inputs) == len(guides) == 74 + 74 + 75  # from "circle" (token 3, or 2 in "a circle") to the 77th token
     before = dict(pipe.unet.named_parameters())[name].detach().double()
     after = edited[name].double()
     to_guide = (inputs @ after.T - guides @ before.T).norm() / (guides @ before.T).norm()

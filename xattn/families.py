@@ -376,6 +376,24 @@ def check_joint_blocks(pipe, selected) -> None:
             raise ValueError(f"blocks {stream}: {list(blocks)} is not among {type(pipe).__name__}'s joint-attention blocks ({have})")
 
 
+def text_projections(pipe) -> list[str]:
+    """Names of the linear layers that make the keys and values of text tokens which image queries read: each
+    cross-attention layer's to_k and to_v; in MM-DiT's double-stream blocks the text stream's add_k_proj and
+    add_v_proj (Flux's single-stream blocks project text and image with one layer, and have none of their own)."""
+    model, family = denoiser(pipe), family_of(pipe)
+    if family.joint:
+        return [f"{name}.attn.{p}" for name, _ in family.double_blocks(model) for p in ("add_k_proj", "add_v_proj")]
+    return [f"{key.removesuffix('.processor')}.{p}" for key in model.attn_processors if family.layer(key).kind == "cross"
+            for p in ("to_k", "to_v")]
+
+
+def pooled_projection(pipe) -> str | None:
+    """The linear layer that first reads the pooled text embedding, where it conditions every block (SD3's and Flux's
+    adaLN embedding); None where a concept reaches the image through the text tokens only (UNets' cross-attention,
+    PixArt)."""
+    return "time_text_embed.text_embedder.linear_1" if family_of(pipe).joint else None
+
+
 def latent_channels(pipe) -> int:
     """Channels of the pipeline's spatial latent: the denoiser's input channels, a quarter of them where the latents
     are packed 2x2 into tokens (Flux)."""
