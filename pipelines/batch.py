@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ from pipelines.dpl import find_nouns
 from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
 from pipelines.erasure import apply_erasure, load_erasure
 from pipelines.files import save_png
+from pipelines.flow import is_flow_matching
+from pipelines.flowedit import FlowEditSettings, flow_edit, settings_for
 from pipelines.generate import GenerationSettings, check_sampling, check_size, finite_images, generate
 from pipelines.guidance import METHODS as COMPOSE_METHODS
 from pipelines.guidance import compose
@@ -121,6 +123,11 @@ def check_job(pipe: DiffusionPipeline, job: Job) -> None:
             raise ValueError(f"no image file at {p['image']}")
         if p.get("inversion") in ("dpl", "dpl-direct"):
             find_nouns(pipe, p.get("caption", p.get("source")), p.get("nouns", []))
+    if job.kind == "flowedit":
+        settings = _flowedit_settings(pipe, p)
+        check_sampling(pipe, settings.steps, settings.target_guidance, p.get("seed", 0))
+        if not Path(p["image"]).is_file():
+            raise ValueError(f"no image file at {p['image']}")
     if job.kind == "erase-then-generate" and p.get("method", "uce") not in ERASERS:
         raise ValueError(f"unknown unlearning method {p['method']!r}; use one of {', '.join(ERASERS)}")
 
@@ -187,6 +194,23 @@ def _invert(pipe, job: Job, folder: Path, model: str) -> dict:
     return {"psnr_db": psnr(redrawn, inversion.image)}
 
 
+def _flowedit_settings(pipe, p: dict) -> FlowEditSettings:
+    if not is_flow_matching(pipe.scheduler):
+        raise ValueError(f"flowedit jobs edit with a flow-matching model (SD3, Flux); {type(pipe).__name__} samples a diffusion: "
+                         "use an edit job with an image")
+    return settings_for(pipe, **{name: p.get(name) for name in ("steps", "n_max", "source_guidance", "target_guidance")})
+
+
+def _flowedit(pipe, job: Job, folder: Path, model: str) -> None:
+    p = job.params
+    settings = _flowedit_settings(pipe, p)
+    result = flow_edit(pipe, p["image"], p["source"], p["target"], settings=settings, seed=p.get("seed", 0))
+    meta = {"image": p["image"], "source": p["source"], "target": p["target"], "seed": p.get("seed", 0), "model": model,
+            **asdict(settings)}
+    for name, image in zip(("input.png", "target.png"), result.images):
+        save_png(image, folder / name, meta)
+
+
 def _erase_then_generate(pipe, job: Job, folder: Path, model: str) -> dict:
     p = job.params
     kept = template_prompts(p.get("preserve", []))
@@ -203,7 +227,7 @@ def _erase_then_generate(pipe, job: Job, folder: Path, model: str) -> dict:
     return {"train_seconds": erased.record["seconds"], "changed_tensors": len(erased.tensors)}
 
 
-RUNNERS: dict[str, Callable] = {"maps": _maps, "edit": _edit, "compose": _compose, "invert": _invert,
+RUNNERS: dict[str, Callable] = {"maps": _maps, "edit": _edit, "compose": _compose, "invert": _invert, "flowedit": _flowedit,
                                 "erase-then-generate": _erase_then_generate}
 
 

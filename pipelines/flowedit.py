@@ -13,7 +13,7 @@ sampled plainly from its noised point instead. Each prompt has its own guidance 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,13 @@ class FlowEditResult:
 def default_settings(pipe: DiffusionPipeline) -> FlowEditSettings:
     """The authors' settings for the kind of model: Flux's for a guidance-distilled denoiser, SD3's otherwise."""
     return FLUX if distilled_guidance(pipe) else SD3
+
+
+def settings_for(pipe: DiffusionPipeline, **chosen) -> FlowEditSettings:
+    """The model's default settings with the chosen ones (None: the default's) in their place, checked."""
+    settings = replace(default_settings(pipe), **{name: value for name, value in chosen.items() if value is not None})
+    settings.check()
+    return settings
 
 
 def flow_edit(

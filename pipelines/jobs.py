@@ -1,6 +1,6 @@
 """Batch jobs: what a line of a JOBS file may say, read and checked before anything runs.
 
-A job is a mapping with a `kind` (generate, maps, edit, compose, invert, erase-then-generate), that
+A job is a mapping with a `kind` (generate, maps, edit, compose, invert, flowedit, erase-then-generate), that
 kind's parameters and an optional `id` (otherwise a digest of its content, so the same job keeps its
 id across reruns). JOBS is JSON Lines (one job per line) or YAML (a list of jobs). Every problem is
 reported with the job's line number; the good jobs still run.
@@ -31,6 +31,9 @@ KINDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "compose": {"prompt": ((str,), True), "concepts": ((list,), True), "method": ((str,), False), **_SAMPLING},
     "invert": {"image": ((str,), True), "caption": ((str,), True), "inversion": ((str,), False), "nouns": ((list,), False),
                "steps": ((int,), False), "guidance": ((int, float), False)},
+    "flowedit": {"image": ((str,), True), "source": ((str,), True), "target": ((str,), True), "seed": ((int,), False),
+                 "steps": ((int,), False), "n_max": ((int,), False), "source_guidance": ((int, float), False),
+                 "target_guidance": ((int, float), False)},
     "erase-then-generate": {"concept": ((str,), True), "prompts": ((list,), True), "method": ((str,), False),
                             "guide": ((str,), False), "preserve": ((list,), False), "train_steps": ((int,), False),
                             "seed": ((int,), False)},

@@ -65,7 +65,7 @@ def test_problems_are_reported_by_line_and_the_rest_are_jobs(tmp_path):
     assert [(j.line, j.kind) for j in listed.jobs] == [(1, "generate"), (9, "maps")]
     assert [str(p) for p in listed.problems] == [
         "line 4: not valid JSON: Expecting property name enclosed in double quotes at column 2",
-        "line 5: unknown kind 'paint'; use one of generate, maps, edit, compose, invert, erase-then-generate",
+        "line 5: unknown kind 'paint'; use one of generate, maps, edit, compose, invert, flowedit, erase-then-generate",
         "line 6: edit needs 'target'",
         "line 7: 'steps' must be an integer; got 'ten'",
         "line 8: generate takes no 'colour'; it takes prompt, num, size, erasure, seed, steps, guidance",

@@ -214,3 +214,16 @@ def test_the_flowedit_command(tmp_path):
     result = run_cli("flowedit", "a red circle", "a red square", "--image", str(tmp_path / "photo.png"), "--model", str(tmp_path / "model"),
                      "--steps", "3", "--n-max", "5", "--out", str(tmp_path / "out"))
     assert result.returncode != 0 and "n_min <= n_max <= steps" in result.stderr
+
+
+def test_a_batch_flowedit_job_runs_on_a_flow_model_and_is_checked_before(tmp_path):
+    built("sd3").save_pretrained(tmp_path / "model")
+    picture().save(tmp_path / "photo.png")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(f'{{"kind": "flowedit", "image": "{tmp_path / "photo.png"}", "source": "a red circle", "target": "a red square", '
+                    '"steps": 3, "n_max": 2, "id": "fe"}\n'
+                    f'{{"kind": "flowedit", "image": "{tmp_path / "photo.png"}", "source": "a red circle", "target": "a red square", '
+                    '"steps": 3, "n_max": 9, "id": "bad"}\n')
+    result = run_cli("batch", str(jobs), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "n_min <= n_max <= steps" in result.stdout + result.stderr
+    assert {p.name for p in (tmp_path / "out").rglob("*.png")} == {"input.png", "target.png"}

@@ -8,6 +8,7 @@ import torch
 from editors.blend import LocalBlend
 from editors.specs import Refine, Reweight, Swap
 from pipelines.edit import prompt_to_prompt
+from pipelines.erasure import read_metadata
 from tests.architectures import TRANSFORMERS
 from tests.test_cli import xattn as run_cli
 from ui.app import Handlers
@@ -148,6 +149,17 @@ def test_joint_blocks_limit_the_edit_to_the_chosen_blocks():
     assert np.abs(some[1] - plain).max() > 1e-5 and np.abs(some[1] - images("flux", prompts, Swap())[1]).max() > 1e-5
     with pytest.raises(ValueError, match=r"double: 0-\d+, single: 0-\d+"):
         edit("flux", prompts, Swap(), joint_blocks={"double": [99]})
+
+
+def test_the_apps_real_image_compose_and_erase_tabs_take_a_flow_model():
+    handlers = Handlers(built("sd3"), "tiny")
+    photo = handlers.pipe("a red circle", num_inference_steps=2).images[0]
+    sheet, gallery, said = handlers.real_image(photo, "a red circle", "fireflow", "", "a red square", "auto", {}, "", "0.8", "0.4", 2, 5.0)
+    assert said == "edit: replace (word swap)" and len(gallery) == 6 and sheet.size[0] > 2 * sheet.size[1]
+    sheet, gallery = handlers.compose("a red circle and a blue square", ["circle", "square"], "astar", 0, 2, 5.0)
+    assert [label for _, label in gallery] == ["circle", "square"]
+    before, after, path = handlers.erase("circle", "uce", "square", "square", 0, "a red circle", 0)
+    assert read_metadata(path)["method"] == "uce" and before.size == after.size
 
 
 def test_the_apps_edit_tab_takes_a_transformer_model():

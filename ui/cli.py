@@ -190,16 +190,14 @@ def cmd_invert(args: argparse.Namespace) -> None:
 
 
 def cmd_flowedit(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from pipelines.files import save_png
-    from pipelines.flowedit import default_settings, flow_edit
+    from pipelines.flowedit import flow_edit, settings_for
     from pipelines.loading import load_pipeline, model_label
     from xattn.heatmap import grid
 
     pipe = load_pipeline(args.model)
-    chosen = {"steps": args.steps, "n_max": args.n_max, "source_guidance": args.source_guidance, "target_guidance": args.target_guidance}
-    settings = replace(default_settings(pipe), **{k: v for k, v in chosen.items() if v is not None})
+    settings = settings_for(pipe, steps=args.steps, n_max=args.n_max, source_guidance=args.source_guidance,
+                            target_guidance=args.target_guidance)
     result = flow_edit(pipe, args.image, args.source, args.target, settings=settings, seed=args.seed)
     meta = {"image": args.image, "source": args.source, "target": args.target, "seed": args.seed, "steps": settings.steps,
             "n_max": settings.n_max, "source_guidance": settings.source_guidance, "target_guidance": settings.target_guidance,
@@ -398,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--out", required=True, help="folder for the erasure file and the checkpoint a rerun resumes from")
     unlearn.set_defaults(run=cmd_unlearn)
 
-    batch = commands.add_parser("batch", help="run a JOBS file (JSONL or YAML) of generate/maps/edit/compose/invert/erase-then-generate jobs")
+    batch = commands.add_parser("batch", help="run a JOBS file (JSONL or YAML) of generate/maps/edit/compose/invert/flowedit/erase-then-generate jobs")
     batch.add_argument("jobs", help="JSONL (one job per line) or YAML (a list of jobs)")
     batch.add_argument("--out", default="outputs/batch", help="folder for jobs/<id>/ and manifest.json; a rerun resumes it")
     batch.add_argument("--model", help=MODEL_HELP)
