@@ -156,6 +156,8 @@ def test_the_apps_real_image_compose_and_erase_tabs_take_a_flow_model():
     photo = handlers.pipe("a red circle", num_inference_steps=2).images[0]
     sheet, gallery, said = handlers.real_image(photo, "a red circle", "fireflow", "", "a red square", "auto", {}, "", "0.8", "0.4", 2, 5.0)
     assert said == "edit: replace (word swap)" and len(gallery) == 6 and sheet.size[0] > 2 * sheet.size[1]
+    sheet, gallery, said = handlers.real_image(photo, "a red circle", "flowedit", "", "a red square", "auto", {}, "", "0.8", "0.4", 2, 5.0)
+    assert said.startswith("edit: FlowEdit, the authors' settings (50 levels, the last 33 edited") and gallery == []
     sheet, gallery = handlers.compose("a red circle and a blue square", ["circle", "square"], "astar", 0, 2, 5.0)
     assert [label for _, label in gallery] == ["circle", "square"]
     before, after, path = handlers.erase("circle", "uce", "square", "square", 0, "a red circle", 0)

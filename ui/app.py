@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 
 from pipelines.edit import blend_for, choose_edit, describe, parse_window, prompt_to_prompt
 from pipelines.erasure import load_erasure
+from pipelines.flowedit import flow_edit, settings_for
 from pipelines.generate import GenerationSettings, check_size, generate
 from pipelines.guidance import compose
 from pipelines.images import read_image
@@ -158,11 +159,19 @@ class Handlers:
     def real_image(self, image: Image.Image | None, caption: str, method: str, nouns: str, target: str, mode: str,
                    weights: dict[str, float], blend: str, cross: str, self_steps: str, steps: float, guidance: float,
                    progress=gr.Progress(track_tqdm=True)):
-        """Invert the upload under its caption (dpl: learning the named nouns' tokens), then edit it like a generated source."""
+        """Invert the upload under its caption (dpl: learning the named nouns' tokens), then edit it like a generated source;
+        or, method "flowedit" on a flow model, edit it with no inversion (FlowEdit, the authors' settings)."""
         if image is None:
             raise ValueError("upload an image first")
         if not (caption or "").strip():
             raise ValueError("describe the image in the caption, in the model's words")
+        if method == "flowedit":
+            settings = settings_for(self.pipe)
+            fitted, edited = flow_edit(self.pipe, image, caption, target, settings=settings).images
+            sheet = grid([fitted, edited], ["input", "edited"], columns=2, scale=max(1, 256 // fitted.size[0]))
+            return sheet, [], (f"edit: FlowEdit, the authors' settings ({settings.steps} levels, the last {settings.n_max} edited, "
+                               f"guidance {settings.source_guidance:g} / {settings.target_guidance:g}); mode, blend, windows, steps "
+                               "and guidance here do not apply, and it draws no maps")
         named = [w.strip() for w in (nouns or "").split(",") if w.strip()]
         inversion = invert(self.pipe, image, caption, method=method, steps=whole(steps, "steps"), guidance=guidance, nouns=named,
                            cache_dir=None)
@@ -289,7 +298,7 @@ def build_app(pipe, model: str = "embedded") -> gr.Blocks:
                 upload = checked_image(label="Image (PNG, JPEG, ...)", sources=["upload"], height=256, elem_id="real-upload")
                 with gr.Column():
                     caption = gr.Textbox(label="Caption (what the image shows)", elem_id="real-caption")
-                    method = gr.Dropdown(list(INVERSIONS), value="direct", label="Inversion")
+                    method = gr.Dropdown([*INVERSIONS, "flowedit"], value="direct", label="Inversion (flowedit: none, on SD3/Flux)")
                     nouns = gr.Textbox(label="Nouns of the caption's objects (dpl; comma-separated)")
                     real_target = gr.Textbox(label="Target prompt", elem_id="real-target")
                     real_mode, real_blend, real_cross, real_self = _edit_options()
