@@ -41,7 +41,7 @@ class FlowEditSettings:
     source_guidance: float = 3.5
     target_guidance: float = 13.5
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if not 0 <= self.n_min <= self.n_max <= self.steps:
             raise ValueError(f"FlowEdit needs 0 <= n_min <= n_max <= steps; got n_min={self.n_min}, n_max={self.n_max}, steps={self.steps}")
         if self.n_avg < 1:
@@ -65,10 +65,8 @@ def default_settings(pipe: DiffusionPipeline) -> FlowEditSettings:
 
 
 def settings_for(pipe: DiffusionPipeline, **chosen) -> FlowEditSettings:
-    """The model's default settings with the chosen ones (None: the default's) in their place, checked."""
-    settings = replace(default_settings(pipe), **{name: value for name, value in chosen.items() if value is not None})
-    settings.check()
-    return settings
+    """The model's default settings with the chosen ones (None: the default's) in their place."""
+    return replace(default_settings(pipe), **{name: value for name, value in chosen.items() if value is not None})
 
 
 def flow_edit(
@@ -93,7 +91,6 @@ def flow_edit(
         raise ValueError(f"FlowEdit edits flow-matching models (SD3, Flux); {type(pipe).__name__} samples a diffusion: "
                          "invert the image and edit with prompt_to_prompt(..., inversion=...)")
     settings = settings or default_settings(pipe)
-    settings.check()
     check_sampling(pipe, settings.steps, settings.target_guidance, seed)
     size = image_size(pipe, height, width)
     fitted = prepare_image(image, size).image
