@@ -1,6 +1,7 @@
 """Concept unlearning on the embedded model: does the erased concept still appear, do the others survive?
 
-    python -m benchmarks.unlearning_quality [--seeds 100] [--methods uce,esd-x,...] [--out benchmarks/results/unlearning_quality.json]
+    python -m benchmarks.unlearning_quality [--seeds 100] [--methods uce,esd-x,...] [--model embedded-mmdit]
+        [--out benchmarks/results/unlearning_quality.json]
 
 Erases a shape ("circle", guided to "square") and, separately, a colour ("red", guided to "blue").
 Each method runs in a fresh process (its training time and peak resident memory above the loaded
@@ -56,11 +57,11 @@ def judge(pipe, concept: str, prompts: list[str]) -> dict:
     return {"appears": float(np.mean(judged.shows)), "exact": float(np.mean(judged.exact))}
 
 
-def one(method: str, concept: str, seeds: int, objects: int = 1) -> dict:
+def one(method: str, concept: str, seeds: int, objects: int = 1, model: str | None = None) -> dict:
     """Erase `concept` with `method` ("none": the base model) and judge; run in its own process."""
     from pipelines.unlearn import UnlearnSettings, unlearn
 
-    pipe = load_pipeline()
+    pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     named, rest = prompt_sets(concept, seeds, objects)
     result = {"method": method, "concept": concept, "objects": objects}
@@ -87,11 +88,12 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--concepts", default=",".join(ERASE))
     parser.add_argument("--objects", type=int, default=1, choices=[1, 2], help="objects per judged caption (2: unseen templates)")
+    parser.add_argument("--model", help="a model of the shapes world (default: the embedded UNet model; embedded-mmdit)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "CONCEPT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/unlearning_quality.json"))
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one, args.seeds, args.objects)))
+        print(json.dumps(one(*args.one, args.seeds, args.objects, args.model)))
         return
     # Rows already in --out (of the same seed count) are kept; the asked-for ones are (re)measured.
     kept = json.loads(args.out.read_text()) if args.out.exists() else []
@@ -101,7 +103,7 @@ def main() -> None:
             if method == "none" and (method, concept) in rows:
                 continue
             command = [sys.executable, "-m", "benchmarks.unlearning_quality", "--one", method, concept, "--seeds", str(args.seeds),
-                       "--objects", str(args.objects)]
+                       "--objects", str(args.objects), *(["--model", args.model] if args.model else [])]
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             row = {**json.loads(out.stdout.strip().splitlines()[-1]), "seeds": args.seeds}
             if method != "none":

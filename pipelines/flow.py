@@ -21,6 +21,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
+from xattn.families import cross_grids
+
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]  # v(x, timestep), the timestep on the scheduler's 0-1000 scale
 
 
@@ -55,6 +57,14 @@ def flow_levels(scheduler, steps: int, image_tokens: int, sigmas: np.ndarray | N
     probe.set_timesteps(steps, sigmas=sigmas, mu=mu)
     levels = probe.sigmas.tolist()
     return [FlowLevel(float(t), levels[i], levels[i + 1]) for i, t in enumerate(probe.timesteps.tolist())]
+
+
+def sampling_levels(pipe, steps: int, latent: tuple[int, int]) -> list[FlowLevel]:
+    """The levels the pipeline samples at by default for an (h, w) spatial latent: Flux's pipeline passes its own
+    `sigmas` (`pipeline_sigmas`), SD3's takes its scheduler's spacing."""
+    grid = cross_grids(pipe, latent)[0]
+    sigmas = pipeline_sigmas(steps) if pipe.scheduler.config.use_dynamic_shifting else None
+    return flow_levels(pipe.scheduler, steps, grid[0] * grid[1], sigmas)
 
 
 def euler_invert(velocity: Velocity, latent: torch.Tensor, levels: list[FlowLevel]) -> torch.Tensor:

@@ -22,11 +22,10 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from pipelines.ddim import guided_output
-from pipelines.flow import flow_levels, is_flow_matching, pipeline_sigmas
+from pipelines.flow import is_flow_matching, sampling_levels
 from pipelines.generate import check_sampling, image_size
 from pipelines.images import image_to_latent, latent_to_image, prepare_image
 from xattn.conditioning import distilled_guidance, encode_text
-from xattn.families import cross_grids
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,7 @@ def flow_edit(
     size = image_size(pipe, height, width)
     fitted = prepare_image(image, size).image
     source = image_to_latent(pipe, fitted)
-    grid = cross_grids(pipe, tuple(source.shape[-2:]))[0]
-    # as the authors' code: Flux at its pipeline's levels, SD3 at its scheduler's own spacing
-    sigmas = pipeline_sigmas(settings.steps) if pipe.scheduler.config.use_dynamic_shifting else None
-    levels = flow_levels(pipe.scheduler, settings.steps, grid[0] * grid[1], sigmas)
+    levels = sampling_levels(pipe, settings.steps, tuple(source.shape[-2:]))  # as the authors' code does
     texts = [encode_text(pipe, [prompt], size, negative_prompt) for prompt in (source_prompt, target_prompt)]
     generator = torch.Generator(device="cpu").manual_seed(seed)
 

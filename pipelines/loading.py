@@ -8,19 +8,22 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from shapes import MODEL_PATH
+from shapes import MMDIT_PATH, MODEL_PATH
 
 EMBEDDED = "embedded"
+EMBEDDED_MMDIT = "embedded-mmdit"
+EMBEDDED_MODELS = {EMBEDDED: MODEL_PATH, EMBEDDED_MMDIT: MMDIT_PATH}  # the shipped models of the shapes world
 
 
 def resolve_model(model: str | Path | None) -> str:
-    """The folder or hub id to load; None or "embedded" means the shipped shapes model.
+    """The folder or hub id to load; None or "embedded" means the shipped shapes model (a UNet), "embedded-mmdit" its
+    SD3-format MM-DiT sibling.
 
     A name that looks like a path (absolute, relative with ./ or ../, or with more than one /)
     must exist and hold a diffusers pipeline, else a FileNotFoundError says what to pass instead.
     """
-    if model is None or str(model) == EMBEDDED:
-        return str(MODEL_PATH)
+    if model is None or str(model) in EMBEDDED_MODELS:
+        return str(EMBEDDED_MODELS[str(model or EMBEDDED)])
     text = str(model)
     path = Path(text).expanduser()
     looks_like_path = path.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
@@ -63,4 +66,4 @@ def load_pipeline(model: str | Path | None = None, *, dtype: torch.dtype = torch
 
 def model_label(model: str | Path | None) -> str:
     """How a model is named in file metadata: 'embedded' for the shipped model, else what was given."""
-    return EMBEDDED if model is None or str(model) == EMBEDDED else str(model)
+    return EMBEDDED if model is None else str(model)

@@ -18,8 +18,11 @@ with the concept replaced by the guide, the empty prompt when there is none):
 
 Images for FMN and SalUn are the user's or the base model's own, generated from the prompts. The
 training is the same whatever sampler the pipeline carries: x_t for ESD and the model's own images
-come from guided DDIM built from the scheduler's config, and FMN and SalUn noise their images with
-the model's forward process (DDPM's alpha-bars from that config, its prediction type). The copy
+come from the model's own deterministic sampler, and FMN and SalUn noise their images with the
+model's forward process (`pipelines.training_process`: DDPM and DDIM from a diffusion's config; the
+straight line and Euler on a rectified flow, where the predictions above are velocities). On MM-DiT
+(SD3, Flux), "cross-attention" is the image queries' attention to the text keys in joint attention:
+FMN re-steers that block, and the esd-x groups train the joint attention (`parameter_group`). The copy
 that trains is float32 (a float16 or bfloat16 pipeline's weights come back in its dtype), reads
 separate projections where the pipeline's are fused, and under peft LoRA trains the base weights
 with the adapters active. A non-finite loss or weight stops training with an error. Training
@@ -41,28 +44,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines.ddim import ddim_from, ddim_levels, ddim_sample
 from pipelines.erasure import save_erasure
 from pipelines.files import slug
-from pipelines.flow import is_flow_matching
 from pipelines.generate import image_size
 from pipelines.limits import MAX_SEED
 from pipelines.images import image_to_latent, prepare_image, read_image
 from pipelines.inversion_cache import arrays_digest, model_fingerprint
-from pipelines.loading import EMBEDDED
+from pipelines.loading import EMBEDDED, EMBEDDED_MODELS
 from pipelines.saliency import masked_step, saliency_masks
+from pipelines.training_process import DiffusionProcess, FlowProcess, training_process
 from pipelines.uce import replace_word, uce_edit
 from shapes import erasure_prompts
 from xattn.attach import attach
 from xattn.conditioning import TextConditioning, denoiser_output, encode_text
 from xattn.denoiser import base_parameters, denoiser, has_ip_adapter
-from xattn.families import family_of
+from xattn.families import family_of, latent_channels, text_projections
 from xattn.resteer import ConceptAttention
 from xattn.tokens import WORD, pipeline_tokenizers, pipeline_word_tokens
 
@@ -89,12 +91,13 @@ VARIANTS = {"salun-kv": ("salun", {"group": "esd-x-strict", "lr": 3e-3, "retain_
 
 
 def parameter_group(unet: torch.nn.Module, group: str) -> dict[str, torch.nn.Parameter]:
-    """The UNet parameters a method trains, by diffusers names: the model's own (`xattn.denoiser.base_parameters`:
+    """The denoiser parameters a method trains, by diffusers names: the model's own (`xattn.denoiser.base_parameters`:
     a LoRA layer's base weight, never an adapter's or a fused copy).
 
-    esd-x: every cross-attention projection (attn2 q, k, v, out); esd-x-strict: attn2 keys and
-    values only; esd-u: the weights of every linear and convolution layer outside cross-attention;
-    full: every parameter.
+    esd-x: every projection of the attention layers where image queries read text keys (a UNet's or PixArt's attn2 q,
+    k, v, out; on MM-DiT every joint attention layer's, both streams); esd-x-strict: the text keys and values only
+    (`xattn.families.text_projections`: attn2's to_k and to_v, MM-DiT's add_k_proj and add_v_proj); esd-u: the weights
+    of every linear and convolution layer outside those attention layers; full: every parameter.
     """
     if group not in GROUPS:
         raise ValueError(f"unknown parameter group {group!r}; choose one of {', '.join(GROUPS)}")
@@ -103,17 +106,18 @@ def parameter_group(unet: torch.nn.Module, group: str) -> dict[str, torch.nn.Par
         return own
     root, chosen = denoiser(unet), {}
     family = family_of(root)
-    attention = [key.removesuffix(".processor") for key in root.attn_processors if family.layer(key).kind == "cross"]
+    attention = [key.removesuffix(".processor") for key in root.attn_processors if family.layer(key).kind in ("cross", "joint")]
     if not attention:
-        raise ValueError(f"{type(root).__name__} has no cross-attention layers (MM-DiT attends jointly), so the {group} group "
-                         "selects nothing; choose esd-u or full")
+        raise ValueError(f"{type(root).__name__} has no attention layer that reads the text, so the {group} group selects nothing; "
+                         "choose full")
+    keys_and_values = set(text_projections(root))
     for name, param in own.items():
         layer = name.rpartition(".")[0]  # "" for a parameter of the model itself (PixArt's scale_shift_table)
         module = root.get_submodule(layer)
         module = getattr(module, "base_layer", module)
         cross = any(f"{layer}.".startswith(f"{a}.") for a in attention)
         if group == "esd-x-strict":
-            keep = any(layer in (f"{a}.to_k", f"{a}.to_v") for a in attention)
+            keep = layer in keys_and_values
         elif group == "esd-x":
             keep = cross and isinstance(module, torch.nn.Linear)
         else:
@@ -188,14 +192,14 @@ class UnlearnSettings:
 def with_defaults(settings: UnlearnSettings, model: str) -> UnlearnSettings:
     """The settings with what a user left out filled in so that the concept goes and the rest stays.
 
-    On the embedded model (`model` is its label), contexts and preserved prompts default to the world's captions that
-    name the concept and those that do not (`shapes.erasure_prompts`): templates such as "a photo of a circle" miss
+    On the embedded models (`model` is the label of either), contexts and preserved prompts default to the world's
+    captions that name the concept and those that do not (`shapes.erasure_prompts`): templates such as "a photo of a circle" miss
     the "a red circle" users type, and UCE or SalUn with nothing preserved wipes every prompt. Elsewhere the preserved
     prompts default to UCE's templates around everyday concepts (`EVERYDAY`). Only UCE and SalUn take preserved prompts.
-    ESD without a guide steers toward the empty prompt's prediction, which does not erase on the embedded model
+    ESD without a guide steers toward the empty prompt's prediction, which does not erase on the embedded UNet model
     (RESULTS.md): there it asks for a guide.
     """
-    contexts, preserve = erasure_prompts(settings.concept) if model == EMBEDDED else ((), template_prompts(EVERYDAY))
+    contexts, preserve = erasure_prompts(settings.concept) if model in EMBEDDED_MODELS else ((), template_prompts(EVERYDAY))
     if model == EMBEDDED and settings.method.startswith("esd") and not settings.guide:
         raise ValueError(f"on the embedded model ESD needs --guide, what {settings.concept!r} turns into (e.g. --guide square): "
                          "steering it toward the empty prompt leaves it drawn")
@@ -245,22 +249,25 @@ def _guided(settings: UnlearnSettings, prompts: list[str]) -> list[str]:
     return [replace_word(p, settings.concept, settings.guide) if settings.guide.strip() else "" for p in prompts]
 
 
-def _own_images(pipe: DiffusionPipeline, prompts: list[str], per_prompt: int, settings: UnlearnSettings, seed: int) -> torch.Tensor:
-    """Latents of the base model's own images of `prompts` (per_prompt each, image i from the noise of seed + i), drawn
-    with guided DDIM whatever sampler the pipeline carries."""
+def _latent_shape(pipe: DiffusionPipeline) -> tuple[int, int, int]:
+    """(channels, h, w) of the pipeline's spatial latents at its default size."""
     size = image_size(pipe)
+    return latent_channels(pipe), size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor
+
+
+def _own_images(pipe: DiffusionPipeline, process: DiffusionProcess | FlowProcess, prompts: list[str], per_prompt: int,
+                settings: UnlearnSettings, seed: int) -> torch.Tensor:
+    """Latents of the base model's own images of `prompts` (per_prompt each, image i from the noise of seed + i), drawn
+    with the model's own guided deterministic sampler whatever sampler the pipeline carries."""
     repeated = [p for p in prompts for _ in range(per_prompt)]
     model = denoiser(pipe)
-    latent = (model.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
-    noise = torch.cat([randn_tensor((1, *latent), generator=torch.Generator(device="cpu").manual_seed(seed + i), dtype=model.dtype)
-                       for i in range(len(repeated))]).to(model.device)
-    scheduler = ddim_from(pipe.scheduler)
-    levels = ddim_levels(scheduler, settings.sample_steps)
+    noise = torch.cat([randn_tensor((1, *_latent_shape(pipe)), generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                                    dtype=model.dtype) for i in range(len(repeated))]).to(model.device)
     with torch.no_grad():
-        cond, uncond = encode_text(pipe, repeated, size)
-    batches = [ddim_sample(pipe, noise[i : i + 8], cond.take(list(range(i, min(i + 8, len(repeated))))),
-                           uncond.take(list(range(i, min(i + 8, len(repeated))))), levels, scheduler.config.prediction_type,
-                           settings.start_guidance) for i in range(0, len(repeated), 8)]
+        cond, uncond = encode_text(pipe, repeated, image_size(pipe))
+    batches = [process.sample(pipe, noise[i : i + 8], cond.take(list(range(i, min(i + 8, len(repeated))))),
+                              uncond.take(list(range(i, min(i + 8, len(repeated))))), settings.start_guidance)
+               for i in range(0, len(repeated), 8)]
     return torch.cat(batches)
 
 
@@ -273,29 +280,6 @@ def _user_latents(pipe: DiffusionPipeline, images: list[ImageSource]) -> torch.T
 def esd_target(e_anchor: torch.Tensor, e_concept: torch.Tensor, eta: float) -> torch.Tensor:
     """ESD's negatively guided target, e_anchor - eta (e_concept - e_anchor)."""
     return e_anchor - eta * (e_concept - e_anchor)
-
-
-def denoising_target(process: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet should predict for x_t under the model's parametrisation (epsilon, v or the sample)."""
-    kind = process.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return process.get_velocity(latents, noise, t)
-    return latents
-
-
-def forward_process(scheduler) -> DDPMScheduler:
-    """The model's forward (noising) process, from its scheduler's config: DDPM's alpha-bars from the betas the model
-    was trained with, whatever sampler the pipeline carries (Euler's `add_noise` works on its own sigmas and steps)."""
-    return DDPMScheduler.from_config(scheduler.config)
-
-
-def noised(process: DDPMScheduler, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, noise, t) for a uniformly drawn training timestep per row: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""
-    t = torch.randint(0, process.config.num_train_timesteps, (len(latents),), generator=generator)
-    noise = randn_tensor(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-    return process.add_noise(latents, noise, t.to(latents.device)), noise, t
 
 
 def _unfused_copy(pipe: DiffusionPipeline) -> torch.nn.Module:
@@ -319,9 +303,7 @@ class _Trainer:
         pipe.to(self.accelerator.device)
         self.size = image_size(pipe)
         self.generator = torch.Generator(device="cpu").manual_seed(settings.seed + self.accelerator.process_index)
-        self.process = forward_process(pipe.scheduler)
-        self.sampler = ddim_from(pipe.scheduler)
-        self.levels = ddim_levels(self.sampler, settings.sample_steps)
+        self.process = training_process(pipe, settings.sample_steps, _latent_shape(pipe)[1:])
         self.unet = _unfused_copy(pipe)
         self.params = parameter_group(self.unet, settings.group)
         for p in self.params.values():
@@ -344,7 +326,7 @@ class _Trainer:
         if settings.method in ("fmn", "salun"):
             self.forget, self.forget_rows = self._forget_data(images)
         if settings.method == "salun":
-            self.retain = _own_images(pipe, list(settings.preserve), settings.images_per_prompt, settings, settings.seed + 10_000)
+            self.retain = _own_images(pipe, self.process, list(settings.preserve), settings.images_per_prompt, settings, settings.seed + 10_000)
             self.saliency()
 
     def _forget_data(self, images: list[ImageSource] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +336,7 @@ class _Trainer:
             latents = _user_latents(self.pipe, images)
             rows = torch.arange(len(latents)) % len(self.contexts)
         else:
-            latents = _own_images(self.pipe, self.contexts, s.images_per_prompt, s, s.seed)
+            latents = _own_images(self.pipe, self.process, self.contexts, s.images_per_prompt, s, s.seed)
             rows = torch.arange(len(latents)) // s.images_per_prompt
         return latents, rows
 
@@ -372,25 +354,24 @@ class _Trainer:
         s, pipe = self.settings, self.pipe
         row = self._sample(1, len(self.contexts)).tolist()
         stop = int(torch.randint(0, s.sample_steps, (1,), generator=self.generator))
-        latent = (self.size[0] // pipe.vae_scale_factor, self.size[1] // pipe.vae_scale_factor)
-        start = randn_tensor((1, denoiser(pipe).config.in_channels, *latent), generator=self.generator, dtype=denoiser(pipe).dtype)
+        start = randn_tensor((1, *_latent_shape(pipe)), generator=self.generator, dtype=denoiser(pipe).dtype)
         with torch.no_grad():
-            x = ddim_sample(pipe, start.to(denoiser(pipe).device), self.context_text.take(row), self.empty_text.take(row), self.levels,
-                            self.sampler.config.prediction_type, s.start_guidance, stop)
-            t = torch.tensor([self.levels[stop].timestep])
+            x = self.process.sample(pipe, start.to(denoiser(pipe).device), self.context_text.take(row), self.empty_text.take(row),
+                                    s.start_guidance, stop)
+            t = torch.tensor([self.process.timestep(stop)])
             e_anchor = self._predict(x, t, self.guide_text.take(row), trained=False)
             e_concept = self._predict(x, t, self.context_text.take(row), trained=False)
             target = esd_target(e_anchor.float(), e_concept.float(), s.eta)
         return F.mse_loss(self._predict(x, t, self.context_text.take(row)).float(), target)
 
-    def _forget_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, noise, t, context rows) for a batch of the concept's images."""
+    def _forget_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, context rows) for a batch of the concept's images."""
         picks = self._sample(self.settings.batch, len(self.forget))
-        x, noise, t = noised(self.process, self.forget[picks].float(), self.generator)
-        return x, noise, t, self.forget_rows[picks]
+        x, t, _ = self.process.noised(self.forget[picks].float(), self.generator)
+        return x, t, self.forget_rows[picks]
 
     def _fmn_loss(self) -> torch.Tensor:
-        x, _, t, rows = self._forget_batch()
+        x, t, rows = self._forget_batch()
         capture = ConceptAttention(self.concept_columns[rows].to(self.accelerator.device))
         with attach(self.accelerator.unwrap_model(self.model), capture):
             self._predict(x, t, self.context_text.take(rows.tolist()))
@@ -398,15 +379,15 @@ class _Trainer:
 
     def _salun_loss(self) -> torch.Tensor:
         s = self.settings
-        x, _, t, rows = self._forget_batch()
+        x, t, rows = self._forget_batch()
         with torch.no_grad():
             target = self._predict(x, t, self.guide_text.take(rows.tolist()))
         forget = F.mse_loss(self._predict(x, t, self.context_text.take(rows.tolist())).float(), target.float())
         picks = self._sample(s.batch, len(self.retain))
         latents = self.retain[picks].float()
-        xr, noise, tr = noised(self.process, latents, self.generator)
+        xr, tr, wanted = self.process.noised(latents, self.generator)
         prompt_rows = (picks // s.images_per_prompt).tolist()
-        wanted = denoising_target(self.process, latents, noise, tr.to(latents.device)).to(self.accelerator.device)
+        wanted = wanted.to(self.accelerator.device)
         retain = F.mse_loss(self._predict(xr, tr, self.retain_text.take(prompt_rows)).float(), wanted.float())
         return forget + s.retain_weight * retain
 
@@ -418,12 +399,12 @@ class _Trainer:
         for begin in range(0, len(self.forget), s.batch):
             picks = torch.arange(begin, min(begin + s.batch, len(self.forget)))
             clean = self.forget[picks].float()
-            x, noise, t = noised(self.process, clean, self.generator)
+            x, t, wanted = self.process.noised(clean, self.generator)
             rows = self.forget_rows[picks].tolist()
             cond = self._predict(x, t, self.context_text.take(rows))
             uncond = self._predict(x, t, self.empty_text.rows(len(rows)))
             guided = (1 + s.mask_guidance) * cond - s.mask_guidance * uncond
-            wanted = denoising_target(self.process, clean, noise, t.to(clean.device)).to(guided.device)
+            wanted = wanted.to(guided.device)
             self.accelerator.backward(-F.mse_loss(guided.float(), wanted.float()))
             for name, p in self.params.items():
                 sums[name] += p.grad
@@ -539,9 +520,6 @@ def unlearn(
         raise ValueError(f"{settings.method} keeps no preserved prompts (only uce and salun do); leave out --preserve")
     if images and settings.method not in ("fmn", "salun"):
         raise ValueError(f"{settings.method} trains on prompts alone (only fmn and salun take images); leave out --images")
-    if settings.method != "uce" and is_flow_matching(pipe.scheduler):
-        raise ValueError(f"{settings.method} trains against a diffusion's noise prediction on latents sampled by DDIM, and "
-                         f"{type(pipe).__name__} samples a rectified flow: use uce (closed form) on it")
     if settings.method != "uce" and has_ip_adapter(pipe):
         raise ValueError(f"{settings.method} trains the UNet on text prompts alone, and this pipeline has an IP-Adapter loaded: "
                          "pipe.unload_ip_adapter() first; the erasure applies with or without the adapter loaded again")

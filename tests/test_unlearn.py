@@ -11,15 +11,13 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from pipelines.erasure import apply_erasure, load_erasure, read_metadata
 from pipelines.loading import load_pipeline
+from pipelines.training_process import DiffusionProcess
 from pipelines.uce import erase_pairs, read_weight, replace_word, uce_edit
 from pipelines.unlearn import (
     UnlearnSettings,
     checkpoint_path,
-    denoising_target,
     erase,
     esd_target,
-    forward_process,
-    noised,
     parameter_group,
     unlearn,
     with_defaults,
@@ -244,15 +242,18 @@ def test_methods_run_on_sd_architectures(arch):
 
 def test_training_noise_is_the_models_forward_process_whatever_the_sampler():
     euler = EulerDiscreteScheduler.from_config(SD15_SCHEDULER)
-    process = forward_process(euler)
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    x, noise, t = noised(process, latents, torch.Generator().manual_seed(1))
+    x, t, target = DiffusionProcess(euler, 4).noised(latents, torch.Generator().manual_seed(1))
+    again = torch.Generator().manual_seed(1)
+    assert torch.equal(t, torch.randint(0, 1000, (3,), generator=again))
+    noise = torch.randn(latents.shape, generator=again)
     alpha = DDPMScheduler.from_config(SD15_SCHEDULER).alphas_cumprod[t].reshape(-1, 1, 1, 1)
     assert torch.allclose(x, alpha.sqrt() * latents + (1 - alpha).sqrt() * noise, atol=1e-6)
     assert (x - latents).abs().amin() > 0  # Euler's add_noise at these t would hand back the clean latents
+    assert torch.equal(target, noise)
     v = DDPMScheduler.from_config(SD15_SCHEDULER, prediction_type="v_prediction")
-    assert torch.allclose(denoising_target(v, latents, noise, t), alpha.sqrt() * noise - (1 - alpha).sqrt() * latents, atol=1e-6)
-    assert torch.equal(denoising_target(process, latents, noise, t), noise)
+    assert torch.allclose(DiffusionProcess(v, 4).noised(latents, torch.Generator().manual_seed(1))[2],
+                          alpha.sqrt() * noise - (1 - alpha).sqrt() * latents, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["esd-x", "fmn", "salun"])

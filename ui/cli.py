@@ -43,8 +43,8 @@ def _finite(text: str) -> float:
 
 
 SEED = _whole(0, MAX_SEED)
-MODEL_HELP = ("diffusers folder or hub id (SD 1.x/2.x/XL; maps, edit, invert and compose also SD3/3.5, Flux, PixArt; unlearn "
-              "also PixArt); default: the embedded shapes model")
+MODEL_HELP = ("diffusers folder or hub id (SD 1.x/2.x/XL; maps, edit, invert, compose and unlearn also SD3/3.5, Flux, PixArt); "
+              "default: the embedded shapes model; embedded-mmdit: its SD3-format MM-DiT")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -229,7 +229,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
-    from pipelines.loading import EMBEDDED, load_pipeline, model_label
+    from pipelines.loading import EMBEDDED_MODELS, load_pipeline, model_label
     from pipelines.unlearn import UnlearnSettings, erase, template_prompts
 
     preserve = template_prompts(_words(args.preserve))
@@ -247,7 +247,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     pipe, model = load_pipeline(args.model), model_label(args.model)
     path = erase(pipe, settings, args.out, model, images=images)
     print(path)
-    if model == EMBEDDED:
+    if model in EMBEDDED_MODELS:
         from pipelines.erasure import load_erasure
         from pipelines.erasure_check import erasure_report
 
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     flowedit.add_argument("source", help="what the image shows")
     flowedit.add_argument("target", help="what it should show")
     flowedit.add_argument("--image", required=True, help="the image file (any size and mode; fitted to the model's size)")
-    flowedit.add_argument("--model", help="a diffusers folder or hub id of SD3/3.5 or Flux")
+    flowedit.add_argument("--model", help="a diffusers folder or hub id of SD3/3.5 or Flux, or embedded-mmdit")
     flowedit.add_argument("--seed", type=SEED, default=0, help="seed of the noise each step draws")
     flowedit.add_argument("--steps", type=_whole(1, 1000), help="noise levels T (default: the authors', 50 on SD3, 28 on Flux)")
     flowedit.add_argument("--n-max", type=_whole(0, 1000), help="the edit runs over the last N_MAX levels (default: 33 of 50, 24 of 28)")

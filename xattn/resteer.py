@@ -1,5 +1,7 @@
 """Forget-Me-Not's attention re-steering loss: how much attention every cross-attention layer pays
-to a concept's tokens, kept in the autograd graph so that training can drive it to zero.
+to a concept's tokens, kept in the autograd graph so that training can drive it to zero. In MM-DiT
+joint attention it is the image queries' probabilities at the concept's text keys, the softmax over
+the joint key set as the model takes it.
 
 The probabilities are (rows, heads, queries, tokens), batch-major, and each row has its own token
 columns: the concept may sit at different places in the prompts of one batch. (FMN's code repeats
@@ -21,25 +23,26 @@ def resteer_loss(squares: list[torch.Tensor]) -> torch.Tensor:
 
 
 class ConceptAttention(Controller):
-    """Records, for every cross-attention layer, the per-row sum of squared probabilities at `columns`.
+    """Records, for every cross-attention (or joint attention) layer, the per-row sum of squared image-query
+    probabilities at `columns`.
 
-    columns: (rows, tokens) boolean, True at each row's concept tokens.
+    columns: (rows, text tokens) boolean, True at each row's concept tokens.
     """
-
-    joint = False
 
     def __init__(self, columns: torch.Tensor) -> None:
         self.columns = columns
         self.squares: list[torch.Tensor] = []
 
     def handles(self, site: Site) -> bool:
-        return site.kind == "cross"
+        return site.kind in ("cross", "joint")
 
     def attend(self, site: Site, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.columns.shape != (query.shape[0], key.shape[2]):
-            raise ValueError(f"concept columns are {tuple(self.columns.shape)} but the layer has {query.shape[0]} rows of {key.shape[2]} tokens")
+        tokens = key.shape[2] if site.text is None else site.text.stop - site.text.start
+        if self.columns.shape != (query.shape[0], tokens):
+            raise ValueError(f"concept columns are {tuple(self.columns.shape)} but the layer has {query.shape[0]} rows of {tokens} text tokens")
         probs = explicit_probs(query, key, mask, site.scale)
-        chosen = probs * self.columns[:, None, None, :].to(probs.dtype)
+        read = probs if site.text is None else probs[:, :, site.image, site.text]
+        chosen = read * self.columns[:, None, None, :].to(probs.dtype)
         self.squares.append(chosen.square().sum((1, 2, 3)))
         return probs.to(value.dtype) @ value
 
