@@ -14,7 +14,6 @@ from xattn.concept_maps import ConceptStream
 from xattn.controller import Controller, attention_and_logsumexp, logsumexp_scores, probs_block
 from xattn.denoiser import denoiser
 from xattn.families import cross_resolutions, family_of, layout_side, native_side, side_multiple
-from xattn.resteer import ConceptAttention
 
 PROMPTS = ["a red circle", "a blue triangle"]
 _BUILT: dict = {}
@@ -168,8 +167,13 @@ def test_what_xattn_cannot_handle_is_refused_by_name():
     with pytest.raises(TypeError, match="does not know the denoiser AutoencoderKL; it supports UNets"):
         with attach(built("sd3").vae, Controller()):
             pass
-    with pytest.raises(TypeError, match="ConceptAttention works on cross-attention layers; SD3Transformer2DModel has joint"):
-        with attach(built("sd3"), ConceptAttention(torch.ones(1, 1, dtype=torch.bool))):
+    class CrossOnly(Controller):
+        """A user's controller that reads cross-attention only (every one of xattn's own understands joint sites)."""
+
+        joint = False
+
+    with pytest.raises(TypeError, match="CrossOnly works on cross-attention layers; SD3Transformer2DModel has joint"):
+        with attach(built("sd3"), CrossOnly()):
             pass
     assert not hasattr(denoiser(built("sd3")), "_xattn_attached")
 
