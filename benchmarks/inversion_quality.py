@@ -56,7 +56,7 @@ def swap_target(scene) -> tuple[str, tuple[str, str], tuple[str, str]]:
 
 
 def run_method(pipe, method: str, images: list) -> dict:
-    recon, seconds, rows = [], [], {"swap": [], "swap + local blend": []}
+    recon, seconds, rows = [], [], {}
     for scene in images:
         nouns = [thing.shape for thing in scene.layout.things] if method.startswith("dpl") else ()
         inversion = invert(pipe, scene.image, scene.caption, method=method, nouns=nouns, cache_dir=None)
@@ -69,11 +69,9 @@ def run_method(pipe, method: str, images: list) -> dict:
             after = find_object(edited, new)
             before = next(o.mask for o, t in zip(scene.objects, scene.layout.things) if (t.colour, t.shape) == old)
             changed = [before] if after is None else [before, after.mask]
-            rows[name].append((match_caption(edited, target).exact, after is not None, psnr_outside(edited, scene.image, changed)))
+            rows.setdefault(name, []).append((match_caption(edited, target).exact, after is not None, psnr_outside(edited, scene.image, changed)))
     result = {"median_reconstruction_psnr_db": float(np.median(recon)), "median_seconds_to_invert": float(np.median(seconds))}
     for name, measured in rows.items():
-        if not measured:
-            continue
         exact, present, background = zip(*measured)
         result[name] = {"target_exact": float(np.mean(exact)), "asked_object_present": float(np.mean(present)),
                         "median_background_psnr_db": float(np.median(background))}

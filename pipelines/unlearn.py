@@ -261,8 +261,9 @@ def _own_images(pipe: DiffusionPipeline, process: DiffusionProcess | FlowProcess
     with the model's own guided deterministic sampler whatever sampler the pipeline carries."""
     repeated = [p for p in prompts for _ in range(per_prompt)]
     model = denoiser(pipe)
-    noise = torch.cat([randn_tensor((1, *_latent_shape(pipe)), generator=torch.Generator(device="cpu").manual_seed(seed + i),
-                                    dtype=model.dtype) for i in range(len(repeated))]).to(model.device)
+    latent = _latent_shape(pipe)
+    noise = torch.cat([randn_tensor((1, *latent), generator=torch.Generator(device="cpu").manual_seed(seed + i), dtype=model.dtype)
+                       for i in range(len(repeated))]).to(model.device)
     with torch.no_grad():
         cond, uncond = encode_text(pipe, repeated, image_size(pipe))
     batches = [process.sample(pipe, noise[i : i + 8], cond.take(list(range(i, min(i + 8, len(repeated))))),
@@ -303,7 +304,8 @@ class _Trainer:
         pipe.to(self.accelerator.device)
         self.size = image_size(pipe)
         self.generator = torch.Generator(device="cpu").manual_seed(settings.seed + self.accelerator.process_index)
-        self.process = training_process(pipe, settings.sample_steps, _latent_shape(pipe)[1:])
+        self.latent = _latent_shape(pipe)
+        self.process = training_process(pipe, settings.sample_steps, self.latent[1:])
         self.unet = _unfused_copy(pipe)
         self.params = parameter_group(self.unet, settings.group)
         for p in self.params.values():
@@ -354,7 +356,7 @@ class _Trainer:
         s, pipe = self.settings, self.pipe
         row = self._sample(1, len(self.contexts)).tolist()
         stop = int(torch.randint(0, s.sample_steps, (1,), generator=self.generator))
-        start = randn_tensor((1, *_latent_shape(pipe)), generator=self.generator, dtype=denoiser(pipe).dtype)
+        start = randn_tensor((1, *self.latent), generator=self.generator, dtype=denoiser(pipe).dtype)
         with torch.no_grad():
             x = self.process.sample(pipe, start.to(denoiser(pipe).device), self.context_text.take(row), self.empty_text.take(row),
                                     s.start_guidance, stop)
